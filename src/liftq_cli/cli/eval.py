@@ -1,0 +1,68 @@
+"""`liftq eval MODEL --ppl wikitext2[,wiki,FILE]`: perplexity with the protocol stated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from liftq_cli.cli._common import console, emit_json, handle_errors, interactive, progress_bar
+from liftq_cli.evaluate.report import evaluate, parse_datasets
+
+
+@handle_errors
+def eval_command(
+    model: str = typer.Argument(..., help="Alias (smollm2-135m), HF folder, .gguf file or hub id."),
+    ppl: str = typer.Option(
+        "wikitext2", "--ppl", help="Comma-separated texts: wikitext2, wiki or a text file."
+    ),
+    ctx: int = typer.Option(1024, "--ctx", help="Window length in tokens (stride = ctx)."),
+    max_tokens: int | None = typer.Option(
+        None, "--max-tokens", help="Evaluate only the first N tokens of each text."
+    ),
+    bos: bool = typer.Option(False, "--bos/--no-bos", help="Prepend BOS to every window."),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Folder holding wiki.test.raw (else $LIFTQ_DATA, shared/)."
+    ),
+    batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object, no table."),
+) -> None:
+    """Measure perplexity over non-overlapping windows."""
+    datasets = parse_datasets(ppl)
+    with progress_bar(interactive() and not as_json) as update:
+        report = evaluate(
+            model,
+            datasets,
+            ctx=ctx,
+            max_tokens=max_tokens,
+            bos=bos,
+            data_dir=data_dir,
+            batch_size=batch_size,
+            progress=lambda name: lambda done, total: update(f"ppl {name}", done, total),
+        )
+    if as_json:
+        emit_json(report.as_json())
+        return
+    table = Table(title=f"Perplexity of {model}")
+    for column in ("text", "ppl", "tokens", "windows", "scored"):
+        table.add_column(column, justify="left" if column == "text" else "right")
+    for name, result in report.results.items():
+        table.add_row(
+            name,
+            f"{result.ppl:.3f}",
+            str(result.tokens),
+            str(result.windows),
+            str(result.tokens_scored),
+        )
+    console.print(table)
+    console.print(
+        f"protocol: ctx {ctx}, stride {ctx} (non-overlapping, remainder dropped), "
+        f"{'BOS + ' if bos else 'no BOS, '}{ctx - 1} scored per window, "
+        f"max tokens {max_tokens or 'all'}; {report.seconds:.1f} s",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,100 @@
+"""`liftq eval` as a library call: load a model and texts, then measure perplexity on each."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from liftq_cli import __version__
+from liftq_cli.data.calibration import tokenize
+from liftq_cli.data.text import load_text
+from liftq_cli.errors import BadInputError
+from liftq_cli.evaluate.perplexity import PerplexityResult, perplexity
+from liftq_cli.io.checkpoints import load_model
+
+ProgressFactory = Callable[[str], Callable[[int, int], None]]
+
+
+@dataclass
+class EvalReport:
+    model: str
+    folder: str
+    ctx: int
+    max_tokens: int | None
+    bos: bool
+    results: dict[str, PerplexityResult] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_json(self) -> dict:
+        first = next(iter(self.results.values()), None)
+        return {
+            "model": self.model,
+            "model_folder": self.folder,
+            "ppl": {name: r.ppl for name, r in self.results.items()},
+            "ctx": self.ctx,
+            "tokens": {name: r.tokens for name, r in self.results.items()},
+            "seconds": round(self.seconds, 3),
+            "protocol": {
+                "ctx": self.ctx,
+                "stride": first.stride if first else self.ctx,
+                "windows": "non-overlapping, remainder dropped",
+                "max_tokens": self.max_tokens,
+                "bos": self.bos,
+                "scored_per_window": self.ctx - 1,
+            },
+            "results": {name: r.as_dict() for name, r in self.results.items()},
+            "sources": self.origins,
+            "liftq_version": __version__,
+        }
+
+
+def parse_datasets(spec: str) -> list[str]:
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    if not names:
+        raise BadInputError("--ppl is empty: name at least one text, e.g. --ppl wikitext2")
+    return names
+
+
+def evaluate(
+    model_spec: str,
+    datasets: list[str],
+    ctx: int,
+    max_tokens: int | None = None,
+    bos: bool = False,
+    data_dir: Path | None = None,
+    batch_size: int = 1,
+    progress: ProgressFactory | None = None,
+) -> EvalReport:
+    """Perplexity of `model_spec` on each dataset; texts are loaded before the model."""
+    if ctx < 2:
+        raise BadInputError(
+            f"--ctx {ctx} is too small: a window needs at least 2 tokens (try 1024)"
+        )
+    if max_tokens is not None and max_tokens < ctx:
+        raise BadInputError(f"--max-tokens {max_tokens} is below --ctx {ctx}: raise it")
+    if batch_size < 1:
+        raise BadInputError(f"--batch-size {batch_size} must be at least 1")
+    texts = [load_text(name, data_dir) for name in datasets]  # fail fast on a bad name
+    start = time.perf_counter()
+    loaded = load_model(model_spec)
+    bos_id = loaded.tokenizer.bos_token_id if bos else None
+    if bos and bos_id is None:
+        raise BadInputError(f"model '{model_spec}' has no BOS token: drop --bos")
+    report = EvalReport(model_spec, str(loaded.folder), ctx, max_tokens, bos)
+    for text in texts:
+        ids = tokenize(loaded.tokenizer, text.text)
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        callback = progress(text.name) if progress else None
+        with torch.inference_mode():
+            report.results[text.name] = perplexity(
+                loaded.model, ids, ctx, bos_id=bos_id, batch_size=batch_size, progress=callback
+            )
+        report.origins[text.name] = text.origin
+    report.seconds = time.perf_counter() - start
+    return report

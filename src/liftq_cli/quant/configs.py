@@ -1,0 +1,62 @@
+"""Lattice configurations LQ-D/d: D sign bits describe a d-dim slice, so bits = D/d.
+
+`CATALOG_CONFIGS` is the list of configurations whose mapping matrices ship with the
+package; the budget solver picks among them and the quantizer accepts any of them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from liftq_cli.errors import BadInputError
+
+MAX_D = 32  # sign codes of one slice must fit one 32-bit word in the packed format
+
+
+@dataclass(frozen=True, order=True)
+class LatticeConfig:
+    """A (D, d) pair: each d-dim slice is `M q` with `q` in {-1,+1}^D and `M` of shape (d, D)."""
+
+    D: int
+    d: int
+
+    def __post_init__(self) -> None:
+        if self.d < 1:
+            raise BadInputError(f"lattice d={self.d} is invalid: d must be at least 1")
+        if self.d >= self.D:
+            raise BadInputError(
+                f"lattice LQ-{self.D}/{self.d} is invalid: D must exceed d (bits = D/d > 1)"
+            )
+        if self.D > MAX_D:
+            raise BadInputError(
+                f"lattice LQ-{self.D}/{self.d} is invalid: D must be at most {MAX_D}"
+            )
+
+    @property
+    def bits(self) -> float:
+        return self.D / self.d
+
+    @property
+    def name(self) -> str:
+        return f"LQ-{self.D}/{self.d}"
+
+    @classmethod
+    def parse(cls, text: str) -> LatticeConfig:
+        """Parse 'LQ-24/10', '24/10' or '24,10'."""
+        match = re.fullmatch(r"\s*(?:LQ-)?(\d+)\s*[/,x]\s*(\d+)\s*", text, flags=re.IGNORECASE)
+        if not match:
+            raise BadInputError(
+                f"lattice config '{text}' is not of the form LQ-D/d (for example LQ-24/10)"
+            )
+        return cls(int(match.group(1)), int(match.group(2)))
+
+
+def _catalog() -> tuple[LatticeConfig, ...]:
+    # d = 10 gives every 0.1-bit step from 1.6 to 3.2 bits; the paper's named configs are added.
+    pairs = {(D, 10) for D in range(16, 33)}
+    pairs |= {(16, 8), (32, 16), (30, 14), (24, 10), (20, 8), (25, 10), (24, 8), (32, 20)}
+    return tuple(sorted((LatticeConfig(D, d) for D, d in pairs), key=lambda c: (c.bits, -c.d)))
+
+
+CATALOG_CONFIGS: tuple[LatticeConfig, ...] = _catalog()
