@@ -10,6 +10,7 @@ import typer
 
 from liftq_cli import __version__
 from liftq_cli.cli import eval as eval_cmd
+from liftq_cli.cli import plan as plan_cmd
 
 app = typer.Typer(
     name="liftq",
@@ -35,7 +36,7 @@ def root(
     """liftq: plan, quantize, pack, evaluate and publish LiftQuant models."""
 
 
-for module in (eval_cmd,):
+for module in (eval_cmd, plan_cmd):
     module.register(app)
 
 

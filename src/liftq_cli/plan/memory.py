@@ -1,0 +1,315 @@
+"""GPU memory model of a LiftQuant model: packed weights, embeddings, KV cache and runtime.
+
+Packed layout of one quantized linear W (out_features o, in_features i) at lattice LQ-D/d
+(this is the layout `liftq pack` writes; pack imports `packed_linear_bytes` so the plan and the
+packed file agree):
+
+* codes: each row is cut into n = ceil(i / d) slices of D sign bits; a row's n * D bits are
+  packed into 32-bit words: ceil(n * D / 32) * 4 bytes per row, times o rows;
+* scales: one fp16 scale per row, 2 * o bytes;
+* whitening / decode factors (fp16): vectors s1, s2 of length i and orthogonal P1 (p1 x p1),
+  P2 (p2 x p2) with p1 * p2 = i, p1 <= p2 the divisor pair closest to sqrt(i):
+  2 * (2 * i + p1^2 + p2^2) bytes;
+* each lattice matrix M (d x D, fp16) used by the model is stored once: 2 * d * D bytes.
+
+Everything else is priced by `MemorySettings`: embeddings and lm_head at fp16 / int8 / int4
+(or embeddings in host memory), norms and biases at fp16, the KV cache for ctx x batch at
+kv_bits, and a runtime overhead (CUDA context, workspaces, prefill activations). All sizes are
+bytes (int); all functions are pure.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from liftq_cli.errors import BadInputError
+from liftq_cli.plan.architectures import Architecture, LinearSpec, embedding_params, linears
+from liftq_cli.plan.architectures import other_params as _other_params
+from liftq_cli.quant.configs import LatticeConfig
+
+FP16 = 2
+KIB, MIB, GIB = 2**10, 2**20, 2**30
+
+Precision = Literal["fp16", "int8", "int4", "host"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+KV_BITS = (16, 8, 4)
+INT4_GROUP = 128  # int4 embeddings / lm_head: one fp16 scale per 128 weights of a row
+
+DEFAULT_CTX = 4096
+DEFAULT_BATCH = 1
+DEFAULT_KV_BITS = 16
+DEFAULT_EMBED: Precision = "host"
+DEFAULT_LM_HEAD: Precision = "int8"
+DEFAULT_CUDA_CONTEXT = 700 * MIB
+DEFAULT_WORKSPACE = 128 * MIB
+DEFAULT_PREFILL_CHUNK = 512
+MIN_VRAM = 64 * MIB  # below this a --vram value is a forgotten unit, not a GPU
+
+ASSUMPTION_NOTES: dict[str, str] = {
+    "embed": "host: the token embedding stays in host RAM (a row gather per token, as "
+    "llama.cpp and ExLlamaV2 do); fp16/int8/int4 keep it on the GPU",
+    "lm_head": "int8 with one fp16 scale per row (llama.cpp keeps output.weight at 6+ bits "
+    "in its 2-bit mixes); fp16 is the unquantized choice",
+    "kv_cache": "every layer caches the full ctx (sliding-window layers are not trimmed); "
+    "kv_bits < 16 adds one fp16 scale per head and token",
+    "cuda_context": "measured: torch 2.11 + CUDA 13 on an H100 hold 693 MiB outside the "
+    "caching allocator after a cuBLAS GEMM, SDPA and a Triton kernel",
+    "workspace": "cuBLAS workspace (32 MiB on Hopper), attention scratch and "
+    "caching-allocator slack",
+    "activations": "peak fp16 activations of one decoder block for a prefill chunk, fused "
+    "(flash) attention, fp32 logits of the last position only",
+}
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
+_POWER = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str, option: str = "--vram", minimum: int = 1) -> int:
+    """Parse a memory size to bytes.
+
+    `GB`, `MB`, `KB`, `TB` are decimal (24GB = 24e9 bytes); `GiB`, `MiB`, ... are binary
+    (24GiB = 24 * 2**30). A bare `G`, `M`, `K`, `T` is binary, as nvidia-smi, `free -g` and
+    docker use it (24G = 24GiB). A plain integer is bytes. Case is ignored. A result below
+    `minimum` bytes is refused (a forgotten unit: `--vram 24`).
+    """
+    match = _SIZE.match(str(text))
+    if not match:
+        raise BadInputError(
+            f"{option} '{text}' is not a size: use a number with a unit, e.g. 24GB, 24GiB, "
+            f"24000MB, 24G or a byte count"
+        )
+    number, prefix, binary, byte = match.groups()
+    prefix = prefix.lower()
+    if not prefix and binary:
+        raise BadInputError(f"{option} '{text}' is not a size: use e.g. 24GiB or 24GB")
+    base = 1024 if (binary or (prefix and not byte)) else 1000
+    value = float(number) * base ** _POWER[prefix]
+    if not math.isfinite(value) or value < 1:
+        raise BadInputError(f"{option} '{text}' must be a positive size, e.g. 24GB")
+    if value < minimum:
+        raise BadInputError(
+            f"{option} '{text}' is only {int(value):,} bytes: add a unit, e.g. {number}GB or "
+            f"{number}GiB"
+        )
+    return int(value)
+
+
+def format_bytes(n: int) -> str:
+    """'23.92 GB' style, decimal units (the unit `--vram 24GB` is read in)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
+def whitening_factors(in_features: int) -> tuple[int, int]:
+    """(p1, p2): p1 * p2 = in_features, p1 <= p2, the divisor pair closest to sqrt(in_features).
+
+    4096 -> (64, 64), 1536 -> (32, 48), 11008 -> (86, 128).
+    """
+    if in_features < 1:
+        raise BadInputError(f"in_features={in_features} must be positive")
+    p1 = math.isqrt(in_features)
+    while in_features % p1:
+        p1 -= 1
+    return p1, in_features // p1
+
+
+def packed_linear_bytes(out_features: int, in_features: int, cfg: LatticeConfig) -> dict[str, int]:
+    """Bytes of one packed LiftQuant linear of weight shape (out_features, in_features) at `cfg`.
+
+    Returns {"codes", "scales", "whitening"} (see the module docstring for the layout). The
+    lattice matrix M is shared by all linears of a config: add `lattice_matrix_bytes(cfg)` once.
+    """
+    slices = -(-in_features // cfg.d)
+    words_per_row = -(-(slices * cfg.D) // 32)
+    p1, p2 = whitening_factors(in_features)
+    return {
+        "codes": out_features * words_per_row * 4,
+        "scales": FP16 * out_features,
+        "whitening": FP16 * (2 * in_features + p1 * p1 + p2 * p2),
+    }
+
+
+def lattice_matrix_bytes(cfg: LatticeConfig) -> int:
+    """Bytes of the fp16 lattice matrix M (d x D), stored once per model per config."""
+    return FP16 * cfg.d * cfg.D
+
+
+def matrix_bytes(rows: int, cols: int, precision: str) -> int:
+    """GPU bytes of a (rows, cols) embedding-like matrix at `precision` (host: 0 on the GPU).
+
+    int8: one fp16 scale per row; int4: packed nibbles plus one fp16 scale per 128 weights.
+    """
+    if precision == "fp16":
+        return FP16 * rows * cols
+    if precision == "int8":
+        return rows * cols + FP16 * rows
+    if precision == "int4":
+        return rows * (-(-cols // 2)) + FP16 * rows * (-(-cols // INT4_GROUP))
+    if precision == "host":
+        return 0
+    raise BadInputError(f"precision '{precision}' is unknown: use one of {', '.join(PRECISIONS)}")
+
+
+def kv_cache_bytes(arch: Architecture, ctx: int, batch: int, kv_bits: int) -> int:
+    """K and V of every layer for `batch` sequences of `ctx` tokens at `kv_bits` per element."""
+    elements = 2 * arch.num_layers * batch * ctx * arch.kv_dim
+    scales = 0 if kv_bits == 16 else 2 * arch.num_layers * batch * ctx * arch.num_kv_heads * FP16
+    return elements * kv_bits // 8 + scales
+
+
+def activation_bytes(arch: Architecture, chunk: int, batch: int) -> int:
+    """Peak fp16 activations of one decoder block while prefilling `chunk` tokens.
+
+    Residual + normed input (2h), q/k/v, attention output, gate/up/product of the MLP (the
+    active experts for MoE), one decode scratch the size of the widest input, and the fp32
+    logits of the last position.
+    """
+    if arch.is_moe:
+        inter = arch.moe_intermediate_size * max(1, arch.experts_per_token)
+        inter += arch.shared_expert_intermediate_size
+    else:
+        inter = arch.intermediate_size
+    h = arch.hidden_size
+    width = 2 * h + arch.q_dim + 2 * arch.kv_dim + arch.q_dim + 3 * inter + max(h, inter)
+    return FP16 * batch * chunk * width + 4 * batch * arch.vocab_size
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """Everything besides the lattice configs that decides GPU bytes; defaults are stated."""
+
+    ctx: int = DEFAULT_CTX
+    batch: int = DEFAULT_BATCH
+    kv_bits: int = DEFAULT_KV_BITS
+    embed: str = DEFAULT_EMBED
+    lm_head: str = DEFAULT_LM_HEAD
+    cuda_context_bytes: int = DEFAULT_CUDA_CONTEXT
+    workspace_bytes: int = DEFAULT_WORKSPACE
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    overhead_bytes: int | None = None  # replaces context + workspace + activations when set
+
+    def __post_init__(self) -> None:
+        for name in ("ctx", "batch", "prefill_chunk"):
+            value = getattr(self, name)
+            if value < 1:
+                raise BadInputError(f"--{name.replace('_', '-')} {value} must be at least 1")
+        if self.kv_bits not in KV_BITS:
+            raise BadInputError(
+                f"--kv-bits {self.kv_bits} is not supported: use one of "
+                f"{', '.join(map(str, KV_BITS))}"
+            )
+        if self.embed not in PRECISIONS:
+            raise BadInputError(
+                f"--embed '{self.embed}' is unknown: use one of {', '.join(PRECISIONS)}"
+            )
+        if self.lm_head not in PRECISIONS or self.lm_head == "host":
+            raise BadInputError(f"--lm-head '{self.lm_head}' is unknown: use fp16, int8 or int4")
+        for name in ("cuda_context_bytes", "workspace_bytes", "overhead_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise BadInputError(f"{name} {value} must not be negative")
+
+
+ConfigFor = Callable[[LinearSpec], LatticeConfig]
+
+
+def quantized_bytes(arch: Architecture, config_for: ConfigFor) -> dict[str, int]:
+    """Packed bytes of every quantized linear: codes, scales, whitening and lattice matrices."""
+    parts = {"codes": 0, "scales": 0, "whitening": 0}
+    used: set[LatticeConfig] = set()
+    for spec in linears(arch):
+        cfg = config_for(spec)
+        used.add(cfg)
+        for key, value in packed_linear_bytes(spec.out_features, spec.in_features, cfg).items():
+            parts[key] += value * spec.count
+    parts["lattice_matrices"] = sum(lattice_matrix_bytes(cfg) for cfg in used)
+    return parts
+
+
+def embedding_bytes(arch: Architecture, settings: MemorySettings) -> tuple[int, int, int]:
+    """(embed GPU bytes, lm_head GPU bytes, host bytes) for the settings' precisions.
+
+    A tied lm_head is the embedding matrix: stored once when both share a precision; with the
+    embedding on the host, the GPU keeps only the lm_head copy.
+    """
+    rows, cols = arch.vocab_size, arch.hidden_size
+    lm_head = matrix_bytes(rows, cols, settings.lm_head)
+    host = FP16 * embedding_params(arch) if settings.embed == "host" else 0
+    if arch.tie_embeddings and settings.embed == settings.lm_head:
+        return 0, lm_head, host
+    return matrix_bytes(rows, cols, settings.embed), lm_head, host
+
+
+def fixed_bytes(arch: Architecture, settings: MemorySettings) -> dict[str, int]:
+    """GPU bytes that do not depend on the lattice configs, by part."""
+    embed, lm_head, _ = embedding_bytes(arch, settings)
+    parts = {
+        "embed": embed,
+        "lm_head": lm_head,
+        "norms_biases": FP16 * _other_params(arch),
+        "kv_cache": kv_cache_bytes(arch, settings.ctx, settings.batch, settings.kv_bits),
+    }
+    if settings.overhead_bytes is not None:
+        parts["overhead"] = settings.overhead_bytes
+    else:
+        parts["cuda_context"] = settings.cuda_context_bytes
+        parts["workspace"] = settings.workspace_bytes
+        parts["activations"] = activation_bytes(
+            arch, min(settings.prefill_chunk, settings.ctx), settings.batch
+        )
+    return parts
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """GPU bytes by part (`parts`, insertion-ordered), plus bytes kept in host memory."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def weights(self) -> int:
+        """Bytes of the quantized linears (codes, scales, whitening, lattice matrices)."""
+        return sum(self.parts[k] for k in ("codes", "scales", "whitening", "lattice_matrices"))
+
+
+def model_breakdown(
+    arch: Architecture, config_for: ConfigFor, settings: MemorySettings
+) -> Breakdown:
+    """Full GPU memory of `arch` with each linear at `config_for(spec)` under `settings`."""
+    _, _, host = embedding_bytes(arch, settings)
+    parts = {**quantized_bytes(arch, config_for), **fixed_bytes(arch, settings)}
+    return Breakdown(parts=parts, host_bytes=host)
+
+
+def uniform(cfg: LatticeConfig) -> ConfigFor:
+    """A `ConfigFor` that puts every linear at `cfg`."""
+    return lambda spec: cfg
+
+
+def settings_assumptions(settings: MemorySettings) -> dict[str, object]:
+    """The settings as plain values, for reports and --json `assumptions`."""
+    values: dict[str, object] = {
+        "ctx": settings.ctx,
+        "batch": settings.batch,
+        "kv_bits": settings.kv_bits,
+        "embed": settings.embed,
+        "lm_head": settings.lm_head,
+    }
+    if settings.overhead_bytes is not None:
+        values["overhead_bytes"] = settings.overhead_bytes
+    else:
+        values["cuda_context_bytes"] = settings.cuda_context_bytes
+        values["workspace_bytes"] = settings.workspace_bytes
+        values["prefill_chunk"] = settings.prefill_chunk
+    return values

@@ -1,0 +1,198 @@
+"""Typed quantization recipe: what `liftq plan --write-recipe` writes and `liftq quantize` reads.
+
+A recipe is a small YAML document with a format version:
+
+    format_version: 1
+    model: meta-llama/Meta-Llama-3-70B   # hub id, local folder or preset name
+    config: LQ-23/10                     # lattice config of every quantized linear ...
+    layers:                              # ... except these per-layer overrides (mixed plans)
+      0: {v_proj: LQ-32/10, down_proj: LQ-30/10}
+    embed: host                          # fp16 | int8 | int4 | host (kept in host RAM)
+    lm_head: int8                        # fp16 | int8 | int4
+    ctx: 4096                            # context the plan was made for
+    batch: 1
+    kv_bits: 16
+    vram_bytes: 24000000000              # the budget of the plan
+    predicted_bytes: 23197707526         # the plan's predicted GPU bytes
+
+`loads` validates every field (one-line `BadInputError` naming the field and the fix);
+`dumps(loads(text)) == text` for any text `dumps` wrote, and `loads(dumps(r)) == r`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from liftq_cli.errors import BadInputError
+from liftq_cli.io.atomic import write_text_atomic
+from liftq_cli.plan.architectures import LINEAR_KINDS
+from liftq_cli.plan.memory import KV_BITS, PRECISIONS
+from liftq_cli.quant.configs import LatticeConfig
+
+FORMAT_VERSION = 1
+_FIELDS = (
+    "format_version",
+    "model",
+    "config",
+    "layers",
+    "embed",
+    "lm_head",
+    "ctx",
+    "batch",
+    "kv_bits",
+    "vram_bytes",
+    "predicted_bytes",
+)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe; `layers[layer][kind]` overrides `config` for that linear."""
+
+    model: str
+    config: LatticeConfig
+    layers: dict[int, dict[str, LatticeConfig]] = field(default_factory=dict)
+    embed: str = "host"
+    lm_head: str = "int8"
+    ctx: int = 4096
+    batch: int = 1
+    kv_bits: int = 16
+    vram_bytes: int | None = None
+    predicted_bytes: int | None = None
+    format_version: int = FORMAT_VERSION
+
+    def config_for(self, layer: int, kind: str) -> LatticeConfig:
+        """The lattice config of linear `kind` (q_proj, ..., down_proj) in block `layer`."""
+        return self.layers.get(layer, {}).get(kind, self.config)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-ready values, fields in schema order."""
+        return {
+            "format_version": self.format_version,
+            "model": self.model,
+            "config": self.config.name,
+            "layers": {
+                layer: {kind: cfg.name for kind, cfg in kinds.items()}
+                for layer, kinds in sorted(self.layers.items())
+            },
+            "embed": self.embed,
+            "lm_head": self.lm_head,
+            "ctx": self.ctx,
+            "batch": self.batch,
+            "kv_bits": self.kv_bits,
+            "vram_bytes": self.vram_bytes,
+            "predicted_bytes": self.predicted_bytes,
+        }
+
+
+def _positive_int(data: Mapping[str, Any], key: str, where: str, optional: bool = False) -> Any:
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadInputError(f"{where}: '{key}' = {value!r} must be a positive integer")
+    return value
+
+
+def _config(value: Any, where: str) -> LatticeConfig:
+    if not isinstance(value, str):
+        raise BadInputError(f"{where} = {value!r} must be a config name like LQ-24/10")
+    try:
+        return LatticeConfig.parse(value)
+    except BadInputError as exc:
+        raise BadInputError(f"{where}: {exc}") from None
+
+
+def from_dict(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a parsed YAML mapping into a `Recipe`."""
+    if not isinstance(data, Mapping):
+        raise BadInputError(f"{source} is not a YAML mapping: write `format_version: 1` etc.")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BadInputError(
+            f"{source}: format_version {version!r} is not supported (this liftq reads "
+            f"{FORMAT_VERSION}): re-run `liftq plan --write-recipe` or upgrade liftq"
+        )
+    unknown = [str(key) for key in data if key not in _FIELDS]
+    if unknown:
+        raise BadInputError(
+            f"{source}: unknown field(s) {', '.join(unknown)}: allowed are {', '.join(_FIELDS)}"
+        )
+    model = data.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadInputError(f"{source}: 'model' must name a model (hub id, folder or preset)")
+    layers_in = data.get("layers") or {}
+    if not isinstance(layers_in, Mapping):
+        raise BadInputError(f"{source}: 'layers' must map layer index -> {{kind: config}}")
+    layers: dict[int, dict[str, LatticeConfig]] = {}
+    for layer, kinds in layers_in.items():
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise BadInputError(f"{source}: layer key {layer!r} must be an index >= 0")
+        if not isinstance(kinds, Mapping) or not kinds:
+            raise BadInputError(f"{source}: layers.{layer} must map kind -> config")
+        for kind in kinds:
+            if kind not in LINEAR_KINDS:
+                raise BadInputError(
+                    f"{source}: layers.{layer}.{kind} is not a linear kind: use one of "
+                    f"{', '.join(LINEAR_KINDS)}"
+                )
+        layers[layer] = {
+            kind: _config(value, f"{source}: layers.{layer}.{kind}")
+            for kind, value in kinds.items()
+        }
+    embed, lm_head = data.get("embed", "host"), data.get("lm_head", "int8")
+    if embed not in PRECISIONS:
+        raise BadInputError(f"{source}: embed {embed!r} is unknown: use {', '.join(PRECISIONS)}")
+    if lm_head not in PRECISIONS or lm_head == "host":
+        raise BadInputError(f"{source}: lm_head {lm_head!r} is unknown: use fp16, int8 or int4")
+    kv_bits = data.get("kv_bits", 16)
+    if kv_bits not in KV_BITS or isinstance(kv_bits, bool):
+        raise BadInputError(f"{source}: kv_bits {kv_bits!r} is unknown: use 16, 8 or 4")
+    return Recipe(
+        model=model,
+        config=_config(data.get("config"), f"{source}: config"),
+        layers=layers,
+        embed=embed,
+        lm_head=lm_head,
+        ctx=_positive_int(data, "ctx", source),
+        batch=_positive_int({"batch": data.get("batch", 1)}, "batch", source),
+        kv_bits=kv_bits,
+        vram_bytes=_positive_int(data, "vram_bytes", source, optional=True),
+        predicted_bytes=_positive_int(data, "predicted_bytes", source, optional=True),
+        format_version=version,
+    )
+
+
+def dumps(recipe: Recipe) -> str:
+    """The recipe as YAML text (fields in schema order)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def loads(text: str, source: str = "recipe") -> Recipe:
+    """Parse and validate YAML text."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInputError(f"{source} is not valid YAML ({first}): fix the file") from None
+    return from_dict(data, source)
+
+
+def load(path: Path) -> Recipe:
+    """Read and validate a recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"cannot read recipe '{path}' ({exc}): check the path") from None
+    return loads(text, f"recipe '{path}'")
+
+
+def dump(recipe: Recipe, path: Path) -> None:
+    """Write the recipe atomically (temporary file, then rename)."""
+    write_text_atomic(Path(path), dumps(recipe))

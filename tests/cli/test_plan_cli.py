@@ -1,0 +1,162 @@
+"""`liftq plan` end to end through the root app (CliRunner): numbers, recipes, error lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests.helpers import assert_one_line_error
+
+from liftq_cli.plan.memory import DEFAULT_CUDA_CONTEXT, DEFAULT_WORKSPACE
+from liftq_cli.recipe import load
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, (result.exit_code, result.output)
+    return json.loads(result.stdout)
+
+
+def test_headline_llama_70b_on_24gb(cli):
+    data = _json(cli("plan", "--model", "llama-70b", "--vram", "24GB", "--json"))
+    assert data["model"] == "llama-3-70b" and data["config"] == "LQ-23/10"
+    assert 2.3 <= data["bits"] <= 2.5
+    assert data["vram_bytes"] == 24_000_000_000 and data["fits"] is True
+    assert sum(data["bytes"]["breakdown"].values()) == data["bytes"]["total"] <= 24_000_000_000
+    assert data["headroom_bytes"] == 24_000_000_000 - data["bytes"]["total"]
+    assert data["params"] == 70_553_706_496
+    alternatives = {alt["config"]: alt for alt in data["alternatives"]}
+    assert set(alternatives) == {"LQ-25/10", "LQ-24/10", "LQ-22/10", "LQ-30/14"}
+    assert alternatives["LQ-24/10"]["fits"] is False and alternatives["LQ-22/10"]["fits"] is True
+    assumptions = data["assumptions"]
+    assert (assumptions["ctx"], assumptions["batch"], assumptions["kv_bits"]) == (4096, 1, 16)
+    assert (assumptions["embed"], assumptions["lm_head"]) == ("host", "int8")
+    assert assumptions["cuda_context_bytes"] == DEFAULT_CUDA_CONTEXT
+    assert assumptions["workspace_bytes"] == DEFAULT_WORKSPACE
+    assert assumptions["prefill_chunk"] == 512
+    assert assumptions["host_bytes"] == 2 * 128256 * 8192
+
+
+def test_headline_qwen_32b_on_12gb(cli):
+    data = _json(cli("plan", "--model", "qwen2.5-32b", "--vram", "12GB", "--json"))
+    assert data["config"] == "LQ-23/10" and data["bytes"]["total"] <= 12_000_000_000
+    data = _json(cli("plan", "--model", "qwen2.5-32b", "--vram", "12GiB", "--json"))
+    assert data["config"] == "LQ-25/10" and data["vram_bytes"] == 12 * 2**30
+
+
+def test_table_output_states_the_defaults(cli):
+    result = cli("plan", "--model", "llama-70b", "--vram", "24GB")
+    assert result.exit_code == 0
+    for fragment in ("LQ-23/10", "headroom", "alternatives", "ctx 4096", "lm_head int8"):
+        assert fragment in result.stdout
+    assert "24,000,000,000 bytes" in result.stdout
+
+
+def test_flags_change_the_plan(cli):
+    base = _json(cli("plan", "-m", "llama-70b", "--vram", "24GB", "--json"))
+    kv8 = _json(cli("plan", "-m", "llama-70b", "--vram", "24GB", "--kv-bits", "8", "--json"))
+    assert kv8["bits"] > base["bits"]
+    long = _json(cli("plan", "-m", "llama-70b", "--vram", "24GB", "--ctx", "16384", "--json"))
+    assert long["bits"] < base["bits"]
+    fp16 = _json(
+        cli(
+            "plan",
+            "-m",
+            "llama-70b",
+            "--vram",
+            "24GB",
+            "--embed",
+            "fp16",
+            "--lm-head",
+            "fp16",
+            "--overhead",
+            "1GiB",
+            "--json",
+        )
+    )
+    parts = fp16["bytes"]["breakdown"]
+    assert parts["embed"] == parts["lm_head"] == 2 * 128256 * 8192
+    assert parts["overhead"] == 2**30 and fp16["assumptions"]["overhead_bytes"] == 2**30
+
+
+def test_mixed_uses_the_budget(cli):
+    data = _json(cli("plan", "-m", "llama-70b", "--vram", "24GB", "--mixed", "--json"))
+    assert data["config"] == "mixed" and data["mixed"] is True
+    assert 0 <= data["headroom_bytes"] < 240_000_000
+    assert len(data["configs"]) == 80 * 7
+    assert 2.3 <= data["bits"] <= 2.5
+
+
+def test_write_recipe(cli, tmp_path):
+    target = tmp_path / "llama.yaml"
+    data = _json(
+        cli("plan", "-m", "llama-70b", "--vram", "24GB", "--write-recipe", str(target), "--json")
+    )
+    recipe = load(target)
+    assert recipe.model == "meta-llama/Meta-Llama-3-70B" and recipe.config.name == "LQ-23/10"
+    assert recipe.predicted_bytes == data["bytes"]["total"] and recipe.vram_bytes == 24 * 10**9
+    assert (recipe.embed, recipe.lm_head, recipe.ctx) == ("host", "int8", 4096)
+    assert data["recipe"] == str(target)
+
+
+def test_mixed_with_sensitivity_file(cli, tmp_path):
+    sens = tmp_path / "sens.json"
+    sens.write_text(json.dumps({"layers": {"3": 50.0}}))
+    target = tmp_path / "mixed.yaml"
+    data = _json(
+        cli(
+            "plan",
+            "-m",
+            "llama-3-8b",
+            "--vram",
+            "4.2GB",
+            "--mixed",
+            "--sensitivity",
+            str(sens),
+            "--write-recipe",
+            str(target),
+            "--json",
+        )
+    )
+    assert data["configs"]["layers.3.down_proj"] == "LQ-32/10"
+    recipe = load(target)
+    assert recipe.config_for(3, "down_proj").name == "LQ-32/10"
+    assert "sens.json" in data["assumptions"]["solver"]
+
+
+def test_list_models(cli):
+    data = _json(cli("plan", "--list-models", "--json"))
+    names = {row["name"] for row in data["models"]}
+    assert {"llama-3-70b", "mixtral-8x7b", "gemma-2-27b", "smollm2-135m"} <= names
+    assert len(names) >= 22
+    row = next(row for row in data["models"] if row["name"] == "smollm2-135m")
+    assert row["params"] == row["published_params"] == 134_515_008
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragments"),
+    [
+        (["-m", "llama-71b", "--vram", "24GB"], 2, ["unknown model 'llama-71b'", "--list-models"]),
+        (["-m", "llama-70b", "--vram", "24XB"], 2, ["--vram '24XB'", "24GiB"]),
+        (["-m", "llama-70b", "--vram", "24"], 2, ["only 24 bytes", "24GB"]),
+        (["-m", "llama-70b"], 2, ["--vram is required"]),
+        (["-m", "llama-70b", "--vram", "24GB", "--embed", "fp8"], 2, ["--embed 'fp8'"]),
+        (["-m", "llama-70b", "--vram", "24GB", "--kv-bits", "3"], 2, ["--kv-bits 3"]),
+        (["-m", "llama-70b", "--vram", "24GB", "--sensitivity", "x.yaml"], 2, ["needs --mixed"]),
+        (["-m", "llama-70b", "--vram", "8GB"], 3, ["does not fit", "minimum is --vram 17.19GB"]),
+        (["-m", "llama-70b", "--vram", "8GB", "--mixed"], 3, ["minimum is --vram 17.19GB"]),
+    ],
+)
+def test_errors_are_one_line(cli, args, code, fragments):
+    assert_one_line_error(cli("plan", *args), *fragments, code=code)
+
+
+def test_error_with_json_prints_an_error_object(cli):
+    result = cli("plan", "-m", "llama-70b", "--vram", "8GB", "--json")
+    assert_one_line_error(result, "minimum is --vram", code=3)
+    assert json.loads(result.stdout)["exit_code"] == 3
+
+
+def test_offline_hub_id_not_cached(cli, tmp_path):
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    result = cli("plan", "-m", "nobody-liftq/not-a-model", "--vram", "24GB", env=env)
+    assert_one_line_error(result, "nobody-liftq/not-a-model", "HF_HUB_OFFLINE=1", code=4)

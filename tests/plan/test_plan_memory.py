@@ -1,0 +1,146 @@
+"""Memory model: unit parsing, the packed layout in bytes, embeddings, KV cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from liftq_cli.errors import BadInputError
+from liftq_cli.plan.architectures import linears, resolve_architecture
+from liftq_cli.plan.memory import (
+    GIB,
+    MIB,
+    MemorySettings,
+    kv_cache_bytes,
+    lattice_matrix_bytes,
+    matrix_bytes,
+    model_breakdown,
+    packed_linear_bytes,
+    parse_size,
+    uniform,
+    whitening_factors,
+)
+from liftq_cli.quant.configs import LatticeConfig
+
+LQ24_10 = LatticeConfig(24, 10)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("24GB", 24_000_000_000),
+        ("24GiB", 24 * 2**30),
+        ("24000MB", 24_000_000_000),
+        ("24G", 24 * 2**30),
+        ("25769803776", 25_769_803_776),
+        ("24 gb", 24_000_000_000),
+        ("1.5TB", 1_500_000_000_000),
+        ("512MiB", 512 * 2**20),
+        ("512M", 512 * 2**20),
+        ("0.5GiB", 2**29),
+    ],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "24XB", "-1GB", "0GB", "24iB", "GB", "24 G B"])
+def test_parse_size_rejects(text):
+    with pytest.raises(BadInputError, match="--vram"):
+        parse_size(text)
+
+
+def test_parse_size_minimum_catches_a_forgotten_unit():
+    with pytest.raises(BadInputError, match=r"only 24 bytes: add a unit, e\.g\. 24GB"):
+        parse_size("24", "--vram", minimum=64 * MIB)
+
+
+@pytest.mark.parametrize(
+    ("n", "pair"),
+    [(4096, (64, 64)), (1536, (32, 48)), (11008, (86, 128)), (8192, (64, 128)), (4099, (1, 4099))],
+)
+def test_whitening_factors(n, pair):
+    assert whitening_factors(n) == pair
+
+
+def test_packed_linear_bytes_by_hand():
+    # 4096 inputs at LQ-24/10: 410 slices x 24 bits = 9840 bits -> 308 words -> 1232 B per row.
+    assert packed_linear_bytes(4096, 4096, LQ24_10) == {
+        "codes": 4096 * 1232,
+        "scales": 2 * 4096,
+        "whitening": 2 * (2 * 4096 + 64 * 64 + 64 * 64),
+    }
+    # SmolLM2 down_proj (576 x 1536) at LQ-20/8: 192 slices x 20 bits = 3840 bits = 120 words.
+    assert packed_linear_bytes(576, 1536, LatticeConfig(20, 8)) == {
+        "codes": 576 * 480,
+        "scales": 1152,
+        "whitening": 2 * (3072 + 32 * 32 + 48 * 48),
+    }
+    assert lattice_matrix_bytes(LQ24_10) == 2 * 10 * 24
+
+
+def test_codes_cost_the_nominal_bits():
+    for cfg in (LatticeConfig(16, 10), LQ24_10, LatticeConfig(32, 10), LatticeConfig(30, 14)):
+        codes = packed_linear_bytes(8192, 28672, cfg)["codes"]
+        assert abs(codes * 8 / (8192 * 28672) / cfg.bits - 1) < 0.002
+
+
+def test_breakdown_sums_and_weights():
+    arch = resolve_architecture("llama-3-70b")
+    breakdown = model_breakdown(arch, uniform(LQ24_10), MemorySettings())
+    assert breakdown.total == sum(breakdown.parts.values())
+    linear_params = sum(spec.params for spec in linears(arch))
+    assert linear_params == 68_451_041_280
+    assert abs(breakdown.parts["codes"] / (linear_params * 2.4 / 8) - 1) < 0.002
+    assert breakdown.parts["lattice_matrices"] == 480
+    assert breakdown.parts["embed"] == 0 and breakdown.host_bytes == 2 * 128256 * 8192
+    assert breakdown.parts["lm_head"] == 128256 * 8192 + 2 * 128256  # int8 + fp16 row scales
+    assert breakdown.parts["kv_cache"] == 1_342_177_280  # 80 x 2 x 1024 x 2 B x 4096
+
+
+def test_kv_cache_bits_and_batch():
+    arch = resolve_architecture("llama-3-8b")
+    fp16 = kv_cache_bytes(arch, 4096, 1, 16)
+    assert fp16 == 32 * 2 * 1024 * 2 * 4096
+    assert kv_cache_bytes(arch, 4096, 2, 16) == 2 * fp16
+    assert kv_cache_bytes(arch, 4096, 1, 8) == fp16 // 2 + 32 * 2 * 8 * 2 * 4096
+    assert kv_cache_bytes(arch, 8192, 1, 16) == 2 * fp16
+
+
+def test_matrix_precisions():
+    assert matrix_bytes(1000, 512, "fp16") == 1_024_000
+    assert matrix_bytes(1000, 512, "int8") == 512_000 + 2_000
+    assert matrix_bytes(1000, 512, "int4") == 256_000 + 1000 * 4 * 2
+    assert matrix_bytes(1000, 512, "host") == 0
+
+
+def test_tied_embeddings_are_stored_once():
+    arch = resolve_architecture("smollm2-135m")
+    matrix = 2 * 49152 * 576
+    same = model_breakdown(arch, uniform(LQ24_10), MemorySettings(embed="fp16", lm_head="fp16"))
+    assert (same.parts["embed"], same.parts["lm_head"], same.host_bytes) == (0, matrix, 0)
+    host = model_breakdown(arch, uniform(LQ24_10), MemorySettings(embed="host", lm_head="fp16"))
+    assert (host.parts["embed"], host.parts["lm_head"], host.host_bytes) == (0, matrix, matrix)
+    split = model_breakdown(arch, uniform(LQ24_10), MemorySettings(embed="int8", lm_head="fp16"))
+    assert split.parts["embed"] == 49152 * 576 + 2 * 49152
+
+
+def test_overhead_replaces_runtime_parts():
+    arch = resolve_architecture("llama-3-8b")
+    parts = model_breakdown(arch, uniform(LQ24_10), MemorySettings(overhead_bytes=GIB)).parts
+    assert parts["overhead"] == GIB
+    assert not {"cuda_context", "workspace", "activations"} & set(parts)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"kv_bits": 3}, "--kv-bits 3"),
+        ({"embed": "fp8"}, "--embed 'fp8'"),
+        ({"lm_head": "host"}, "--lm-head 'host'"),
+        ({"ctx": 0}, "--ctx 0"),
+        ({"batch": 0}, "--batch 0"),
+    ],
+)
+def test_settings_validation(kwargs, fragment):
+    with pytest.raises(BadInputError, match=fragment):
+        MemorySettings(**kwargs)
