@@ -1,0 +1,117 @@
+"""`liftq quantize` as one library call: resolve inputs, quantise block by block, write out."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from liftq_cli.data.calibration import calibration_set
+from liftq_cli.data.text import load_text
+from liftq_cli.errors import BadInputError
+from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve
+from liftq_cli.io.quantized import write_quantized
+from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
+from liftq_cli.quant.pipeline import QuantizeOptions, build_skeleton, quantize_blocks
+
+BITS_TOLERANCE = 0.05
+
+
+def config_for_bits(bits: float) -> LatticeConfig:
+    """The catalog config nearest to `bits` (d = 10 preferred on ties)."""
+    best = min(CATALOG_CONFIGS, key=lambda c: (abs(c.bits - bits), c.d != 10))
+    if abs(best.bits - bits) > BITS_TOLERANCE:
+        low, high = CATALOG_CONFIGS[0].bits, CATALOG_CONFIGS[-1].bits
+        raise BadInputError(
+            f"--bits {bits} is outside the lattice catalog ({low:.1f} to {high:.1f} bits in 0.1 "
+            f"steps): pick a value in that range or pass --config LQ-D/d"
+        )
+    return best
+
+
+def check_writable(out: Path) -> None:
+    parent = out.expanduser().resolve().parent
+    probe_dir = parent if parent.exists() else None
+    if probe_dir is None or not os.access(probe_dir, os.W_OK):
+        raise BadInputError(f"--out '{out}' cannot be written: choose a writable location")
+    try:
+        tempfile.TemporaryFile(dir=probe_dir).close()
+    except OSError as exc:
+        raise BadInputError(f"--out '{out}' cannot be written ({exc.strerror})") from exc
+
+
+def quantize(
+    model: str,
+    out: Path,
+    config: LatticeConfig,
+    calib: str = "wiki",
+    nsamples: int = 64,
+    seqlen: int = 512,
+    work_dir: Path | None = None,
+    options: QuantizeOptions | None = None,
+    recipe_text: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+    """Quantise `model` with lattice `config` into `out`; returns a JSON-ready summary."""
+    from liftq_cli.quant.lattice import encode, load_catalog_matrix
+
+    options = options or QuantizeOptions()
+    check_writable(out)
+    folder = materialize(resolve(model))
+    hf_config, _ = build_skeleton(folder)  # refuses unsupported architectures early
+    text = load_text(calib)
+    calibration = calibration_set(text, load_tokenizer(folder), nsamples, seqlen, options.seed)
+    work_dir = work_dir or out.with_name(f".{out.name}.work")
+    settings = {
+        "model": str(folder),
+        "config": (folder / "config.json").read_text(),
+        "lattice": config.name,
+        "calibration": calibration.fingerprint,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+    }
+    began = time.perf_counter()
+    reports = quantize_blocks(
+        folder,
+        lambda layer, kind: config,
+        calibration.input_ids,
+        work_dir,
+        load_catalog_matrix,
+        encode,
+        options,
+        settings,
+        progress,
+    )
+    metadata = {
+        "model": model,
+        "lattice": config.name,
+        "bits": config.bits,
+        "calibration": {
+            "source": calib,
+            "nsamples": nsamples,
+            "seqlen": seqlen,
+            "seed": options.seed,
+            "fingerprint": calibration.fingerprint,
+        },
+        "options": asdict(options),
+        "recipe": recipe_text,
+        "blocks": [asdict(r) for r in reports],
+    }
+    files = write_quantized(
+        folder, work_dir, out, hf_config.num_hidden_layers, load_catalog_matrix, metadata
+    )
+    return {
+        "model": model,
+        "out": str(out),
+        "config": config.name,
+        "bits": config.bits,
+        "layers": len(reports),
+        "seconds": round(time.perf_counter() - began, 2),
+        "files": files,
+        "work_dir": str(work_dir),
+        "blocks": json.loads(json.dumps([asdict(r) for r in reports])),
+    }

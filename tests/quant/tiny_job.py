@@ -1,0 +1,60 @@
+"""A tiny synthetic quantisation job, runnable as a script (the resume test kills it)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from tests.quant.test_layerwise import brute_force_encode, tiny_matrix
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from liftq_cli.io.quantized import write_quantized
+from liftq_cli.quant.block_correction import CorrectionConfig
+from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.quant.pipeline import QuantizeOptions, quantize_blocks
+
+CFG = LatticeConfig(8, 4)
+MATRIX = tiny_matrix(8, 4)
+OPTIONS = QuantizeOptions(whiten_steps=5, correction=CorrectionConfig(steps=10, batch=2))
+
+
+def make_model(folder: Path, layers: int, hidden: int = 32) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def run_job(folder: Path, work: Path, out: Path, layers: int, delay: float = 0.0) -> None:
+    import time
+
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def slow(_report):
+        time.sleep(delay)
+
+    quantize_blocks(
+        folder,
+        lambda *_: CFG,
+        ids,
+        work,
+        lambda _c: MATRIX,
+        brute_force_encode,
+        OPTIONS,
+        {"job": "tiny"},
+        progress=slow,
+    )
+    write_quantized(folder, work, out, layers, lambda _c: MATRIX, {"job": "tiny"})
+
+
+if __name__ == "__main__":
+    folder, work, out, layers, delay = sys.argv[1:6]
+    run_job(Path(folder), Path(work), Path(out), int(layers), float(delay))
