@@ -136,6 +136,8 @@ def correct_block(
         after = before
     for parameter in block.parameters():
         parameter.requires_grad_(False)
-    changed = sum(int(((m.latent.detach() >= 0) != s).sum()) for m, s in zip(modules, initial, strict=True))
+    changed = sum(
+        int(((m.latent.detach() >= 0) != s).sum()) for m, s in zip(modules, initial, strict=True)
+    )
     total_bits = sum(s.numel() for s in initial)
     return CorrectionResult(before, after, changed / max(total_bits, 1))
