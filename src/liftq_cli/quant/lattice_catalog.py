@@ -1,0 +1,173 @@
+"""The shipped catalog of trained lattice matrices (package data in `quant/catalog/`).
+
+`lattice.safetensors` holds one float32 (d, D) tensor per config, keyed `LQ-D-d`;
+`manifest.json` records for each how it was trained (seed, Lloyd iterations, samples) and
+its Gaussian MSE on the fixed 100k-sample held-out set. `build_catalog` retrains every
+entry of `CATALOG_CONFIGS` reproducibly (`liftq lattice build-catalog`). This module is the
+only lattice code that touches disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from liftq_cli.errors import BadInputError
+from liftq_cli.io.atomic import atomic_dir
+from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
+from liftq_cli.quant.lattice import DEFAULT_SEARCH
+from liftq_cli.quant.lattice_train import TrainConfig, TrainResult, train_matrix
+
+CATALOG_DIR = Path(__file__).parent / "catalog"
+MATRIX_FILE = "lattice.safetensors"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+
+# The catalog's training schedule (Lloyd, see lattice_train), sized to build the whole
+# catalog on a 2-core CPU in about an hour. The configs with a published MSE get a wider
+# training beam and a second start; LQ-32/16 runs longer, and LQ-16/8 starts from
+# Hadamard-structured matrices (Lloyd ends ~1% lower from there than from random ones).
+_BASE_SCHEDULE = TrainConfig(
+    iterations=30,
+    samples=32_768,
+    final_iterations=2,
+    final_samples=262_144,
+    train_beam=32,
+    restarts=1,
+)
+PUBLISHED = {(16, 8), (32, 16), (30, 14), (24, 10), (32, 20)}
+
+
+def train_config_for(cfg: LatticeConfig, seed: int = 0) -> TrainConfig:
+    """The catalog's schedule for one config (fixed, so that a rebuild is reproducible)."""
+    pair = (cfg.D, cfg.d)
+    if pair == (16, 8):
+        return replace(_BASE_SCHEDULE, iterations=60, restarts=4, init="hadamard", seed=seed)
+    if pair == (32, 16):
+        return replace(_BASE_SCHEDULE, iterations=80, train_beam=64, restarts=3, seed=seed)
+    if pair in PUBLISHED:
+        return replace(_BASE_SCHEDULE, train_beam=64, restarts=2, seed=seed)
+    return replace(_BASE_SCHEDULE, seed=seed)
+
+
+def tensor_key(cfg: LatticeConfig) -> str:
+    return f"LQ-{cfg.D}-{cfg.d}"
+
+
+def _how_to_get(cfg: LatticeConfig) -> str:
+    return f"train it with `liftq lattice train --D {cfg.D} --d {cfg.d} --out FILE`"
+
+
+@functools.lru_cache(maxsize=4)
+def _read(folder: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    path = Path(folder)
+    matrix_path, manifest_path = path / MATRIX_FILE, path / MANIFEST_FILE
+    if not matrix_path.is_file() or not manifest_path.is_file():
+        raise BadInputError(
+            f"lattice catalog not found in {path}: rebuild it with `liftq lattice build-catalog`"
+        )
+    return load_file(str(matrix_path)), json.loads(manifest_path.read_text())
+
+
+def catalog_manifest(folder: Path = CATALOG_DIR) -> dict[str, Any]:
+    """The parsed manifest.json: format_version, train/search settings, `entries` list."""
+    return _read(str(folder))[1]
+
+
+def load_catalog_matrix(cfg: LatticeConfig, folder: Path = CATALOG_DIR) -> Tensor:
+    """The trained matrix for `cfg`: float32 tensor of shape (cfg.d, cfg.D) (a fresh copy)."""
+    tensors, _ = _read(str(folder))
+    key = tensor_key(cfg)
+    if key not in tensors:
+        raise BadInputError(
+            f"lattice {cfg.name} is not in the catalog ({len(tensors)} entries, see "
+            f"`liftq lattice list`): {_how_to_get(cfg)}"
+        )
+    matrix = tensors[key].clone()
+    if tuple(matrix.shape) != (cfg.d, cfg.D):
+        raise BadInputError(
+            f"catalog matrix {key} has shape {tuple(matrix.shape)}, expected ({cfg.d}, "
+            f"{cfg.D}): rebuild it with `liftq lattice build-catalog`"
+        )
+    return matrix
+
+
+def load_matrix_file(path: Path, cfg: LatticeConfig | None = None) -> Tensor:
+    """A matrix written by `liftq lattice train --out FILE` (safetensors, one tensor)."""
+    if not path.is_file():
+        raise BadInputError(f"lattice matrix file {path} does not exist: check the path")
+    tensors = load_file(str(path))
+    if cfg is not None and tensor_key(cfg) in tensors:
+        return tensors[tensor_key(cfg)]
+    if len(tensors) != 1:
+        raise BadInputError(f"{path} holds {len(tensors)} tensors: expected one lattice matrix")
+    return next(iter(tensors.values()))
+
+
+def save_matrix_file(result: TrainResult, path: Path) -> None:
+    """Write one trained matrix (safetensors) with its manifest entry as metadata."""
+    metadata = {k: str(v) for k, v in result.manifest_entry().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({tensor_key(result.config): result.matrix.contiguous()}, str(path), metadata)
+
+
+def build_catalog(
+    configs: Iterable[LatticeConfig] = CATALOG_CONFIGS,
+    seed: int = 0,
+    on_done: Callable[[TrainResult], None] | None = None,
+    device: str = "cpu",
+) -> list[TrainResult]:
+    """Train every config with the catalog schedule on `device` (returns the results).
+
+    On 2 CPU cores the whole catalog takes about an hour (two processes); a GPU, minutes.
+    """
+    results = []
+    for cfg in configs:
+        result = train_matrix(cfg, train_config_for(cfg, seed), device=device)
+        results.append(result)
+        if on_done is not None:
+            on_done(result)
+    return results
+
+
+def save_catalog(
+    results: list[TrainResult], folder: Path = CATALOG_DIR, merge: bool = False
+) -> None:
+    """Write lattice.safetensors + manifest.json for `results` (atomically, as one folder).
+
+    merge=True keeps the entries of an existing catalog that `results` does not retrain.
+    """
+    tensors: dict[str, Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    if merge and (folder / MATRIX_FILE).is_file():
+        old_tensors, old_manifest = _read(str(folder))
+        for e in old_manifest["entries"]:
+            entries[e["name"]] = e
+            tensors[e["name"]] = old_tensors[tensor_key(LatticeConfig(e["D"], e["d"]))]
+    for r in results:
+        tensors[r.config.name] = r.matrix.contiguous()
+        entries[r.config.name] = r.manifest_entry()
+    ordered = sorted(entries.values(), key=lambda e: (e["bits"], -e["d"]))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "built_by": "liftq lattice build-catalog",
+        "source": "i.i.d. N(0, I_d); MSE per dimension on the fixed held-out sample, "
+        "encoded with the default search",
+        "search": asdict(DEFAULT_SEARCH),
+        "entries": ordered,
+    }
+    by_key = {
+        tensor_key(LatticeConfig(e["D"], e["d"])): tensors[e["name"]].contiguous() for e in ordered
+    }
+    with atomic_dir(folder) as tmp:
+        save_file(by_key, str(tmp / MATRIX_FILE), {"format_version": str(FORMAT_VERSION)})
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    _read.cache_clear()

@@ -1,0 +1,270 @@
+"""Lattice encoder, training and catalog: exactness, MSE bounds per config, determinism."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from liftq_cli.errors import BadInputError
+from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
+from liftq_cli.quant.lattice import (
+    SearchConfig,
+    brute_force_encode,
+    decode,
+    encode,
+    encode_candidates,
+    gaussian_mse,
+    pack_codes,
+    pad_search_encode,
+    search_order,
+    unpack_codes,
+)
+from liftq_cli.quant.lattice_catalog import catalog_manifest, load_catalog_matrix
+from liftq_cli.quant.lattice_train import (
+    TrainConfig,
+    hadamard_start,
+    held_out_sample,
+    orthonormal_rows,
+    train_matrix,
+)
+
+# Table 1 of the paper (pad search on the paper's matrices).
+PAPER_MSE = {
+    (16, 8): 0.089,
+    (32, 16): 0.082,
+    (30, 14): 0.070,
+    (24, 10): 0.053,
+    (32, 20): 0.146,
+}
+# Configs whose catalog matrix is still above the paper (see bench/results/lattice.md):
+# LQ-16/8 0.0900 (our encoder is exact there: brute force over all 2^16 codes gives the same
+# MSE, so the gap is the matrix) and LQ-32/16 0.0826 (0.0823 with a 256-wide beam). Strict
+# xfail, so the test starts failing (and must be un-marked) once they are met.
+BELOW_PAPER_MISSED: set[tuple[int, int]] = {(16, 8), (32, 16)}
+
+
+def gaussian(n: int, d: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def small_matrix() -> torch.Tensor:
+    """A trained LQ-12/6 matrix (a few Lloyd steps): structured like the catalog ones."""
+    result = train_matrix(
+        LatticeConfig(12, 6), TrainConfig(iterations=4, samples=4096, seed=3), eval_samples=2048
+    )
+    return result.matrix
+
+
+@pytest.mark.parametrize("matrix_kind", ["trained", "random"])
+def test_encode_matches_exhaustive_search_on_small_config(small_matrix, matrix_kind):
+    M = (
+        small_matrix
+        if matrix_kind == "trained"
+        else orthonormal_rows(LatticeConfig(12, 6), torch.Generator().manual_seed(1))
+    )
+    x = gaussian(1000, 6, seed=11)
+    ours, exact = encode(x, M), brute_force_encode(x, M)
+    assert ours.dtype == torch.bool and ours.shape == (1000, 12)
+    # Ties aside, the K-best search with the default beam is exact at D=12.
+    assert (ours == exact).all(1).float().mean() >= 0.995
+    assert gaussian_mse(x, M, ours) <= gaussian_mse(x, M, exact) * (1 + 1e-4)
+    # Reference encoders: the published pad search is never better than the optimum.
+    assert gaussian_mse(x, M, pad_search_encode(x, M)) >= gaussian_mse(x, M, exact) * (1 - 1e-6)
+
+
+def test_small_beam_is_close_to_exact_and_tail_completion_helps(small_matrix):
+    x = gaussian(2000, 6, seed=4)
+    exact = gaussian_mse(x, small_matrix, brute_force_encode(x, small_matrix))
+    narrow = {
+        tail: gaussian_mse(x, small_matrix, encode(x, small_matrix, SearchConfig(4, tail=tail)))
+        for tail in (0, 8)
+    }
+    assert exact <= narrow[8] <= narrow[0] < 1.2 * exact
+    # beam 16 with 8 exhaustive tail signs covers all 2^12 codes: exact.
+    full = encode(x, small_matrix, SearchConfig(beam=16, tail=8))
+    assert gaussian_mse(x, small_matrix, full) <= exact * (1 + 1e-6)
+
+
+def test_encode_decode_shapes_and_int8_codes(small_matrix):
+    x = gaussian(2 * 3 * 5, 6, seed=2).reshape(2, 3, 5, 6)
+    codes = encode(x, small_matrix, SearchConfig(beam=8, chunk=7))
+    assert codes.shape == (2, 3, 5, 12) and codes.dtype == torch.bool
+    recon = decode(codes, small_matrix)
+    assert recon.shape == x.shape and recon.dtype == torch.float32
+    signs = codes.to(torch.int8) * 2 - 1
+    assert torch.equal(decode(signs, small_matrix), recon)
+    flat = encode(x.reshape(-1, 6), small_matrix, SearchConfig(beam=8))
+    assert torch.equal(flat.reshape(codes.shape), codes)  # chunking does not change results
+    assert encode(torch.zeros(0, 6), small_matrix).shape == (0, 12)
+
+
+def test_threads_and_chunks_give_identical_codes():
+    M = orthonormal_rows(LatticeConfig(24, 10), torch.Generator().manual_seed(5))
+    x = gaussian(3000, 10, seed=8)
+    before = torch.get_num_threads()
+    one = encode(x, M, SearchConfig(threads=1))
+    assert torch.equal(one, encode(x, M, SearchConfig(threads=2, chunk=500)))
+    assert torch.get_num_threads() == before  # restored after the single-threaded section
+
+
+def test_candidates_are_sorted_and_start_with_the_encoding(small_matrix):
+    x = gaussian(300, 6, seed=9)
+    codes, errors = encode_candidates(x, small_matrix, 5)
+    assert codes.shape == (300, 5, 12) and errors.shape == (300, 5)
+    assert (errors[:, 1:] >= errors[:, :-1] - 1e-5).all()
+    assert torch.equal(codes[:, 0], encode(x, small_matrix))
+    recon = decode(codes, small_matrix)
+    assert torch.allclose(((x[:, None] - recon) ** 2).sum(-1), errors, atol=1e-4)
+
+
+def test_pack_unpack_roundtrip_and_search_order():
+    codes = torch.rand(257, 32, generator=torch.Generator().manual_seed(0)) > 0.5
+    words = pack_codes(codes)
+    assert words.dtype == torch.int64 and words.max() < 2**32
+    assert torch.equal(unpack_codes(words, 32), codes)
+    M = orthonormal_rows(LatticeConfig(32, 10), torch.Generator().manual_seed(2))
+    assert sorted(search_order(M, 0.1).tolist()) == list(range(32))
+
+
+def test_wider_beam_is_never_worse(small_matrix):
+    x = gaussian(2000, 6, seed=5)
+    narrow = gaussian_mse(x, small_matrix, encode(x, small_matrix, SearchConfig(beam=2, tail=0)))
+    wide = gaussian_mse(x, small_matrix, encode(x, small_matrix, SearchConfig(beam=64)))
+    assert wide < narrow
+
+
+@pytest.mark.parametrize("pair", [(24, 10), (32, 20)], ids=["LQ-24/10", "LQ-32/20"])
+def test_encoder_beats_pad_search_and_is_faster(pair):
+    """Same matrix, same slices; LQ-32/20 also covers sign bit 31 of the packed words."""
+    cfg = LatticeConfig(*pair)
+    M = load_catalog_matrix(cfg)
+    x = gaussian(300, cfg.d, seed=21)
+    start = time.perf_counter()
+    pad = pad_search_encode(x, M)
+    pad_seconds = time.perf_counter() - start
+    encode(x[:10], M)  # plan is cached per matrix, as in the quantiser
+    start = time.perf_counter()
+    ours = encode(x, M)
+    ours_seconds = time.perf_counter() - start
+    assert gaussian_mse(x, M, ours) <= 1.01 * gaussian_mse(x, M, pad)
+    if pair == (24, 10):  # 2^14 pad candidates per slice (32/20: only 2^12)
+        # Bench target is >= 20x; a loose bound here so a loaded CI box does not flake.
+        assert pad_seconds > 5 * ours_seconds
+
+
+def test_catalog_covers_every_config_with_shapes():
+    manifest = catalog_manifest()
+    names = [entry["name"] for entry in manifest["entries"]]
+    assert sorted(names) == sorted(cfg.name for cfg in CATALOG_CONFIGS)
+    for cfg in CATALOG_CONFIGS:
+        M = load_catalog_matrix(cfg)
+        assert M.shape == (cfg.d, cfg.D) and M.dtype == torch.float32
+        assert torch.isfinite(M).all()
+
+
+def test_catalog_mse_matches_manifest_for_every_config():
+    """Every shipped matrix reproduces its manifest MSE (4k slices, 5% margin for noise)
+    and stays within 3 dB of the rate-distortion bound."""
+    entries = {e["name"]: e for e in catalog_manifest()["entries"]}
+    for cfg in CATALOG_CONFIGS:
+        M = load_catalog_matrix(cfg)
+        x = gaussian(4096, cfg.d, seed=99)
+        mse = gaussian_mse(x, M, encode(x, M, SearchConfig(beam=32)))
+        assert mse <= entries[cfg.name]["gaussian_mse"] * 1.05, cfg.name
+        assert mse < 2.0 * 2 ** (-2 * cfg.bits), cfg.name
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        pytest.param(pair, marks=pytest.mark.xfail(strict=True, reason="above the paper"))
+        if pair in BELOW_PAPER_MISSED
+        else pair
+        for pair in PAPER_MSE
+    ],
+    ids=lambda p: f"LQ-{p[0]}/{p[1]}",
+)
+def test_catalog_at_or_below_paper(pair):
+    cfg = LatticeConfig(*pair)
+    entry = next(e for e in catalog_manifest()["entries"] if e["name"] == cfg.name)
+    assert entry["gaussian_mse"] <= PAPER_MSE[pair]  # 100k held-out slices, default encoder
+    M = load_catalog_matrix(cfg)
+    x = held_out_sample(cfg.d, 20_000)  # the first 20k of those slices, re-encoded here
+    assert gaussian_mse(x, M, encode(x, M)) <= PAPER_MSE[pair] * 1.005
+
+
+def test_training_is_deterministic_and_improves():
+    cfg, train = LatticeConfig(12, 6), TrainConfig(iterations=3, samples=2048, seed=7)
+    first = train_matrix(cfg, train, eval_samples=2048)
+    again = train_matrix(cfg, train, eval_samples=2048)
+    other = train_matrix(cfg, TrainConfig(iterations=3, samples=2048, seed=8), eval_samples=2048)
+    assert torch.equal(first.matrix, again.matrix) and first.mse == again.mse
+    assert not torch.equal(first.matrix, other.matrix)
+    assert first.history[-1] < first.history[0]  # Lloyd lowers the training MSE
+
+
+def test_restarts_keep_the_best_validated_start():
+    cfg = LatticeConfig(8, 4)
+    train = TrainConfig(iterations=2, samples=1024, restarts=3, init="mixed", seed=1)
+    result = train_matrix(cfg, train, eval_samples=2048)
+    assert len(result.validation) == 3
+    assert result.restart == min(range(3), key=result.validation.__getitem__)
+    assert result.manifest_entry()["best_restart"] == result.restart
+
+
+def test_hadamard_start_has_unit_energy():
+    M = hadamard_start(LatticeConfig(16, 8), 1.4)
+    assert M.shape == (8, 16)
+    assert float((M * M).sum()) == pytest.approx(8.0, rel=1e-5)  # E||Mq||^2 = d
+
+
+@pytest.mark.parametrize(
+    ("D", "d", "fragment"),
+    [(8, 10, "LQ-8/10"), (10, 10, "LQ-10/10"), (33, 10, "at most 32"), (4, 0, "d=0")],
+)
+def test_bad_config_is_a_clear_error(D, d, fragment):
+    with pytest.raises(BadInputError, match=fragment):
+        LatticeConfig(D, d)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"beam": 0}, "beam=0"),
+        ({"ridge": 0.0}, "ridge=0.0"),
+        ({"tail": 9}, "tail=9"),
+        ({"chunk": 0}, "chunk=0"),
+    ],
+)
+def test_bad_search_settings_are_clear_errors(kwargs, fragment):
+    with pytest.raises(BadInputError, match=fragment):
+        SearchConfig(**kwargs)
+
+
+def test_bad_training_settings_are_clear_errors():
+    with pytest.raises(BadInputError, match="init 'lattice'"):
+        TrainConfig(init="lattice")
+    with pytest.raises(BadInputError, match="LQ-24/10"):
+        train_matrix(LatticeConfig(24, 10), TrainConfig(init="hadamard"))
+    with pytest.raises(BadInputError, match="restarts=0"):
+        TrainConfig(restarts=0)
+
+
+def test_unknown_catalog_entry_says_how_to_train_it():
+    with pytest.raises(BadInputError) as info:
+        load_catalog_matrix(LatticeConfig(31, 9))
+    message = str(info.value)
+    assert "LQ-31/9" in message and "liftq lattice train --D 31 --d 9" in message
+    assert "\n" not in message
+
+
+def test_mismatched_shapes_are_clear_errors(small_matrix):
+    with pytest.raises(BadInputError, match="width 5"):
+        encode(torch.zeros(3, 5), small_matrix)
+    with pytest.raises(BadInputError, match="width 11"):
+        decode(torch.zeros(3, 11, dtype=torch.bool), small_matrix)
+    with pytest.raises(BadInputError, match="not \\(d, D\\)"):
+        encode(torch.zeros(3, 6), small_matrix.T)
