@@ -17,6 +17,7 @@ from liftq_cli.quant.pipeline import QuantizeOptions, quantize_blocks
 CFG = LatticeConfig(8, 4)
 MATRIX = tiny_matrix(8, 4)
 OPTIONS = QuantizeOptions(whiten_steps=5, correction=CorrectionConfig(steps=10, batch=2))
+FAST = QuantizeOptions(whiten_steps=0, correction=CorrectionConfig(steps=1, batch=2))
 
 
 def make_model(folder: Path, layers: int, hidden: int = 32) -> None:
@@ -33,7 +34,14 @@ def make_model(folder: Path, layers: int, hidden: int = 32) -> None:
     LlamaForCausalLM(config).save_pretrained(folder)
 
 
-def run_job(folder: Path, work: Path, out: Path, layers: int, delay: float = 0.0) -> None:
+def run_job(
+    folder: Path,
+    work: Path,
+    out: Path,
+    layers: int,
+    delay: float = 0.0,
+    options: QuantizeOptions = OPTIONS,
+) -> None:
     import time
 
     ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -48,7 +56,7 @@ def run_job(folder: Path, work: Path, out: Path, layers: int, delay: float = 0.0
         work,
         lambda _c: MATRIX,
         brute_force_encode,
-        OPTIONS,
+        options,
         {"job": "tiny"},
         progress=slow,
     )
@@ -57,4 +65,5 @@ def run_job(folder: Path, work: Path, out: Path, layers: int, delay: float = 0.0
 
 if __name__ == "__main__":
     folder, work, out, layers, delay = sys.argv[1:6]
-    run_job(Path(folder), Path(work), Path(out), int(layers), float(delay))
+    options = FAST if sys.argv[6:] == ["fast"] else OPTIONS
+    run_job(Path(folder), Path(work), Path(out), int(layers), float(delay), options)

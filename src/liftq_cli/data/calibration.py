@@ -32,7 +32,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def sample_windows(
+    ids: torch.Tensor, nsamples: int, seqlen: int, seed: int, source: str = "calibration text"
+) -> torch.Tensor:
     """Pick `nsamples` disjoint windows of `seqlen` tokens from `ids` with a seeded permutation.
 
     ids: int64 [T]. Returns int64 [nsamples, seqlen].
@@ -44,7 +46,7 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
     available = ids.numel() // seqlen
     if available < nsamples:
         raise BadInputError(
-            f"calibration text has {ids.numel()} tokens, fewer than --nsamples {nsamples} x "
+            f"{source} has {ids.numel()} tokens, fewer than --nsamples {nsamples} x "
             f"--seqlen {seqlen} = {nsamples * seqlen}: use a longer text or fewer samples"
         )
     generator = torch.Generator().manual_seed(seed)
@@ -61,6 +63,6 @@ def calibration_set(text: Text, tokenizer, nsamples: int, seqlen: int, seed: int
             f"use --calib wiki or a text file of your own"
         )
     ids = tokenize(tokenizer, text.text)
-    windows = sample_windows(ids, nsamples, seqlen, seed)
+    windows = sample_windows(ids, nsamples, seqlen, seed, f"calibration text '{text.origin}'")
     digest = hashlib.sha256(windows.numpy().tobytes()).hexdigest()
     return Calibration(windows, text.name, seed, digest)

@@ -9,20 +9,25 @@ config of every linear and the per-block reports.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from liftq_cli import __version__
 from liftq_cli.io.atomic import atomic_dir
+from liftq_cli.io.safetensors_stream import DTYPES_BY_NAME, TensorSpec, write_streaming
 from liftq_cli.io.weights import WeightReader
 from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.quant.layerwise import QuantizedLinear
 from liftq_cli.quant.pipeline import load_block_quant
 
 QUANT_FORMAT_VERSION = 1
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 COPIED = (
     "config.json",
     "generation_config.json",
@@ -34,6 +39,26 @@ COPIED = (
 )
 
 
+def _layer_of(name: str) -> int:
+    match = LAYER.match(name)
+    return int(match.group(1)) if match else -1
+
+
+def _block_layout(work_dir: Path, layer: int) -> tuple[list[TensorSpec], dict[str, LatticeConfig]]:
+    """Specs of a finished block's stored tensors (prefixed) and the config of each linear."""
+    specs, configs = [], {}
+    with safe_open(Path(work_dir) / f"block_{layer:04d}.safetensors", framework="pt") as handle:
+        for key in sorted(handle.keys()):
+            if key.endswith(".lattice"):
+                D, d = (int(v) for v in handle.get_tensor(key).tolist())
+                configs[key[: -len(".lattice")]] = LatticeConfig(D, d)
+                continue
+            piece = handle.get_slice(key)
+            dtype = DTYPES_BY_NAME[piece.get_dtype()]
+            specs.append(TensorSpec(f"model.layers.{layer}.{key}", dtype, tuple(piece.get_shape())))
+    return specs, configs
+
+
 def write_quantized(
     source: Path,
     work_dir: Path,
@@ -42,24 +67,59 @@ def write_quantized(
     matrices: Callable[[LatticeConfig], torch.Tensor],
     metadata: dict,
 ) -> dict[str, int]:
-    """Assemble `out` atomically from the source folder and the finished work dir."""
+    """Assemble `out` atomically from the source folder and the finished work dir.
+
+    Streams: tensors are produced and written one at a time (one block's quantised linears
+    in memory at most), so peak memory does not grow with the layer count.
+    """
     reader = WeightReader(source)
-    weights: dict[str, torch.Tensor] = {}
-    codes: dict[str, torch.Tensor] = {}
+    code_specs: list[TensorSpec] = []
     configs: dict[str, str] = {}
     used: dict[str, LatticeConfig] = {}
+    quant_shapes: dict[str, tuple[int, int]] = {}
     for layer in range(num_layers):
-        for name, quant in load_block_quant(work_dir, layer, matrices).items():
+        specs, layer_configs = _block_layout(work_dir, layer)
+        code_specs.extend(specs)
+        by_name = {spec.name: spec for spec in specs}
+        for name, cfg in layer_configs.items():
             key = f"model.layers.{layer}.{name}"
-            weights[f"{key}.weight"] = quant.dequantize().contiguous()
-            codes.update(quant.state(f"{key}."))
-            configs[key] = quant.cfg.name
-            used[quant.cfg.name] = quant.cfg
-    for name in reader.names():
-        if name not in weights:
-            weights[name] = reader.get(name).float().contiguous()
-    for name, cfg in used.items():
-        codes[f"lattice.{name}"] = matrices(cfg).contiguous()
+            configs[key] = cfg.name
+            used[cfg.name] = cfg
+            out_features = by_name[f"{key}.codes"].shape[0]
+            quant_shapes[f"{key}.weight"] = (out_features, by_name[f"{key}.s1"].shape[0])
+    for name, cfg in sorted(used.items()):
+        code_specs.append(TensorSpec(f"lattice.{name}", torch.float32, (cfg.d, cfg.D)))
+    names = sorted(set(reader.names()) | set(quant_shapes), key=lambda n: (_layer_of(n), n))
+    weight_specs = [
+        TensorSpec(n, torch.float32, quant_shapes.get(n) or reader.shape(n)) for n in names
+    ]
+
+    cached: dict[int, dict[str, QuantizedLinear]] = {}
+
+    def block(layer: int) -> dict[str, QuantizedLinear]:
+        if layer not in cached:
+            cached.clear()  # keep one block in memory
+            cached[layer] = load_block_quant(work_dir, layer, matrices)
+        return cached[layer]
+
+    def produce_weight(spec: TensorSpec) -> torch.Tensor:
+        if spec.name not in quant_shapes:
+            return reader.get(spec.name).float()
+        layer = _layer_of(spec.name)
+        local = spec.name[len(f"model.layers.{layer}.") : -len(".weight")]
+        return block(layer)[local].dequantize().contiguous()
+
+    block_state: dict[int, dict[str, torch.Tensor]] = {}
+
+    def produce_code(spec: TensorSpec) -> torch.Tensor:
+        if spec.name.startswith("lattice."):
+            return matrices(used[spec.name[len("lattice.") :]]).float().contiguous()
+        layer = _layer_of(spec.name)
+        if layer not in block_state:
+            block_state.clear()
+            block_state[layer] = load_file(Path(work_dir) / f"block_{layer:04d}.safetensors")
+        return block_state[layer][spec.name[len(f"model.layers.{layer}.") :]]
+
     info = dict(
         metadata, liftq_version=__version__, format_version=QUANT_FORMAT_VERSION, layers=configs
     )
@@ -67,7 +127,7 @@ def write_quantized(
         for filename in COPIED:
             if (source / filename).is_file():
                 shutil.copy2(source / filename, tmp / filename)
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_file(codes, str(tmp / "liftq_codes.safetensors"))
+        write_streaming(tmp / "model.safetensors", weight_specs, produce_weight, {"format": "pt"})
+        write_streaming(tmp / "liftq_codes.safetensors", code_specs, produce_code)
         (tmp / "liftq.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     return {p.name: p.stat().st_size for p in out.iterdir()}

@@ -28,7 +28,6 @@ class WeightReader:
             raise BadInputError(
                 f"model folder '{folder}' has no safetensors weights: convert it to safetensors"
             )
-        self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         return list(self._files)
@@ -37,10 +36,15 @@ class WeightReader:
         return name in self._files
 
     def get(self, name: str) -> torch.Tensor:
-        path = self._files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(name)  # type: ignore[attr-defined]
+        # A fresh handle per read: a long-lived one keeps every page it touched mapped, so the
+        # process's resident memory would grow to the whole checkpoint over a run.
+        with safe_open(self._files[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of a stored tensor, read from the header (no data is loaded)."""
+        with safe_open(self._files[name], framework="pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
 
     def fingerprint(self) -> dict[str, int]:
         """Sizes of the weight files: a cheap identity for resume checks."""

@@ -68,10 +68,10 @@ class CorrectableLinear(nn.Module):
 
 @dataclass(frozen=True)
 class CorrectionConfig:
-    steps: int = 200
+    steps: int = 50
     lr_codes: float = 5e-4
-    lr_scales: float = 1e-3
-    batch: int = 4
+    lr_scales: float = 3e-3
+    batch: int = 2
     latent_init: float = 0.05
     seed: int = 0
 

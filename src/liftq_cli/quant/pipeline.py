@@ -53,6 +53,9 @@ class BlockReport:
     mse_after: float
     flipped: float
     seconds: float
+    seconds_whiten: float = 0.0
+    seconds_encode: float = 0.0
+    seconds_correct: float = 0.0
 
 
 def build_skeleton(folder: Path):
@@ -186,6 +189,35 @@ def quantize_blocks(
 
     calib_ids: int64 [nsamples, seqlen]. Returns one report per block (resumed ones included).
     """
+    # Small gradients and Cholesky terms go subnormal; on x86 those run ~10x slower.
+    torch.set_flush_denormal(True)
+    try:
+        return _quantize_blocks(
+            folder,
+            config_for,
+            calib_ids,
+            work_dir,
+            matrices,
+            encode,
+            options,
+            job_settings,
+            progress,
+        )
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _quantize_blocks(
+    folder: Path,
+    config_for: ConfigFor,
+    calib_ids: torch.Tensor,
+    work_dir: Path,
+    matrices: Callable[[LatticeConfig], torch.Tensor],
+    encode: Encoder,
+    options: QuantizeOptions,
+    job_settings: dict,
+    progress: Progress | None,
+) -> list[BlockReport]:
     config, skeleton = build_skeleton(folder)
     reader = WeightReader(folder)
     settings = dict(
@@ -229,10 +261,12 @@ def quantize_blocks(
         stats = _collect_stats(block, run, inputs, batch)
         tensors: dict[str, torch.Tensor] = {}
         proxy = []
+        timings = {"whiten": 0.0, "encode": 0.0}
         for index, (name, linear) in enumerate(linear_kinds(block).items()):
             kind = name.rpartition(".")[2]
             cfg = config_for(layer, kind)
             gram, act = stats[name]
+            tick = time.perf_counter()
             wh, err = fit_whitening(
                 linear.weight.detach(),
                 gram,
@@ -242,13 +276,18 @@ def quantize_blocks(
                 seed=options.seed * 1000 + layer * 16 + index,
             )
             proxy.append(err)
+            timings["whiten"] += time.perf_counter() - tick
+            tick = time.perf_counter()
             quant = quantize_linear(linear.weight.detach(), wh, cfg, matrices(cfg), encode)
+            timings["encode"] += time.perf_counter() - tick
             bias = None if linear.bias is None else linear.bias.detach()
             _set_module(block, name, CorrectableLinear(quant, bias, options.correction.latent_init))
         correction = CorrectionConfig(
             **{**asdict(options.correction), "seed": options.seed * 1000 + layer}
         )
+        tick = time.perf_counter()
         result = correct_block(block, inputs, targets, run, correction)
+        seconds_correct = time.perf_counter() - tick
         for name, module in linear_kinds_correctable(block).items():
             exported = module.export()
             tensors.update(exported.state(f"{name}."))
@@ -262,6 +301,9 @@ def quantize_blocks(
             result.mse_after,
             result.flipped,
             time.perf_counter() - began,
+            timings["whiten"],
+            timings["encode"],
+            seconds_correct,
         )
         work.save_block(layer, tensors, asdict(report))
         fp_stream, q_stream = targets, next_q

@@ -22,8 +22,12 @@ BITS_TOLERANCE = 0.05
 
 
 def config_for_bits(bits: float) -> LatticeConfig:
-    """The catalog config nearest to `bits` (d = 10 preferred on ties)."""
-    best = min(CATALOG_CONFIGS, key=lambda c: (abs(c.bits - bits), c.d != 10))
+    """The catalog config nearest to `bits`; on ties, the one with the lowest Gaussian MSE
+    (2.0 bits is LQ-32/16, 3.0 bits LQ-30/10)."""
+    from liftq_cli.quant.lattice_catalog import catalog_manifest
+
+    mse = {e["name"]: e["gaussian_mse"] for e in catalog_manifest()["entries"]}
+    best = min(CATALOG_CONFIGS, key=lambda c: (round(abs(c.bits - bits), 6), mse.get(c.name, 1.0)))
     if abs(best.bits - bits) > BITS_TOLERANCE:
         low, high = CATALOG_CONFIGS[0].bits, CATALOG_CONFIGS[-1].bits
         raise BadInputError(
@@ -34,9 +38,12 @@ def config_for_bits(bits: float) -> LatticeConfig:
 
 
 def check_writable(out: Path) -> None:
-    parent = out.expanduser().resolve().parent
-    probe_dir = parent if parent.exists() else None
-    if probe_dir is None or not os.access(probe_dir, os.W_OK):
+    """Refuse an --out that cannot be created, before any work starts (missing parent folders
+    are fine: they are made, so the nearest existing ancestor must be writable)."""
+    probe_dir = out.expanduser().resolve().parent
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK):
         raise BadInputError(f"--out '{out}' cannot be written: choose a writable location")
     try:
         tempfile.TemporaryFile(dir=probe_dir).close()
@@ -57,10 +64,12 @@ def quantize(
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """Quantise `model` with lattice `config` into `out`; returns a JSON-ready summary."""
-    from liftq_cli.quant.lattice import encode, load_catalog_matrix
+    from liftq_cli.quant.lattice import encode
+    from liftq_cli.quant.lattice_catalog import load_catalog_matrix
 
     options = options or QuantizeOptions()
     check_writable(out)
+    load_catalog_matrix(config)  # an unknown lattice fails before any work dir is made
     folder = materialize(resolve(model))
     hf_config, _ = build_skeleton(folder)  # refuses unsupported architectures early
     text = load_text(calib)

@@ -1,0 +1,93 @@
+"""`liftq quantize MODEL --out DIR --bits 2.4`: the layerwise LiftQuant quantiser."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from liftq_cli.cli._common import console, handle_errors, interactive, progress_bar
+from liftq_cli.errors import BadInputError
+from liftq_cli.quant.block_correction import CorrectionConfig
+from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.quant.pipeline import QuantizeOptions
+from liftq_cli.quant.run import config_for_bits, quantize
+
+
+@handle_errors
+def quantize_command(
+    model: str = typer.Argument(..., help="Alias (smollm2-135m), HF folder, .gguf or hub id."),
+    out: Path = typer.Option(..., "--out", help="Output folder (written atomically)."),
+    bits: float | None = typer.Option(None, "--bits", help="Target bits (nearest catalog config)."),
+    config: str | None = typer.Option(None, "--config", help="Lattice config, e.g. LQ-24/10."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="Recipe YAML from `liftq plan`."),
+    calib: str = typer.Option("wiki", "--calib", help="Calibration text: wiki or a text file."),
+    nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling, whitening and correction."),
+    work_dir: Path | None = typer.Option(
+        None, "--work-dir", help="Resumable work directory (default: .OUT.work beside --out)."
+    ),
+    whiten_steps: int = typer.Option(50, "--whiten-steps", help="Adam steps on s1, s2."),
+    correction_steps: int = typer.Option(50, "--correction-steps", help="Steps per block."),
+    independent: bool = typer.Option(
+        False, "--independent", help="Feed every block full-precision inputs."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="JSON-lines progress and a JSON summary."),
+) -> None:
+    """Quantise every linear of the decoder blocks, block by block, resumably."""
+    chosen = [
+        name
+        for name, value in (("--bits", bits), ("--config", config), ("--recipe", recipe))
+        if value is not None
+    ]
+    if len(chosen) != 1:
+        raise BadInputError(
+            f"give exactly one of --bits, --config or --recipe (got {', '.join(chosen) or 'none'})"
+        )
+    recipe_text = None
+    if recipe is not None:
+        from liftq_cli.recipe import load
+
+        loaded = load(recipe)
+        if loaded.layers:
+            raise BadInputError(
+                f"recipe '{recipe}' has per-layer configs: mixed recipes are not quantised yet; "
+                f"re-plan without --mixed"
+            )
+        lattice = loaded.config
+        recipe_text = recipe.read_text()
+    elif config is not None:
+        lattice = LatticeConfig.parse(config)
+    else:
+        assert bits is not None
+        lattice = config_for_bits(bits)
+    options = QuantizeOptions(
+        seed=seed,
+        whiten_steps=whiten_steps,
+        sequential=not independent,
+        correction=CorrectionConfig(steps=correction_steps),
+    )
+    with progress_bar(interactive() and not as_json) as update:
+
+        def report(event: dict) -> None:
+            if as_json:
+                print(json.dumps(event), flush=True)
+            update("blocks", event["layer"] + 1, event["layers"])
+
+        summary = quantize(
+            model, out, lattice, calib, nsamples, seqlen, work_dir, options, recipe_text, report
+        )
+    if as_json:  # JSON lines throughout: the summary is the last line
+        print(json.dumps({"event": "done", **summary}, default=str), flush=True)
+        return
+    console.print(
+        f"quantised {model} at {summary['config']} ({summary['bits']:.2f} bits): "
+        f"{summary['layers']} blocks in {summary['seconds']:.0f} s -> {summary['out']}",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize_command)
