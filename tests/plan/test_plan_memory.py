@@ -75,7 +75,7 @@ def test_packed_linear_bytes_by_hand():
         "scales": 1152,
         "whitening": 2 * (3072 + 32 * 32 + 48 * 48),
     }
-    assert lattice_matrix_bytes(LQ24_10) == 2 * 10 * 24
+    assert lattice_matrix_bytes(LQ24_10) == 4 * 10 * 24  # float32 M (packed format v1)
 
 
 def test_codes_cost_the_nominal_bits():
@@ -91,7 +91,7 @@ def test_breakdown_sums_and_weights():
     linear_params = sum(spec.params for spec in linears(arch))
     assert linear_params == 68_451_041_280
     assert abs(breakdown.parts["codes"] / (linear_params * 2.4 / 8) - 1) < 0.002
-    assert breakdown.parts["lattice_matrices"] == 480
+    assert breakdown.parts["lattice_matrices"] == 960
     assert breakdown.parts["embed"] == 0 and breakdown.host_bytes == 2 * 128256 * 8192
     assert breakdown.parts["lm_head"] == 128256 * 8192 + 2 * 128256  # int8 + fp16 row scales
     assert breakdown.parts["kv_cache"] == 1_342_177_280  # 80 x 2 x 1024 x 2 B x 4096

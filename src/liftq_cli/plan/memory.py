@@ -1,16 +1,16 @@
 """GPU memory model of a LiftQuant model: packed weights, embeddings, KV cache and runtime.
 
-Packed layout of one quantized linear W (out_features o, in_features i) at lattice LQ-D/d
-(this is the layout `liftq pack` writes; pack imports `packed_linear_bytes` so the plan and the
-packed file agree):
+Packed layout of one quantized linear W (out_features o, in_features i) at lattice LQ-D/d:
+the closed formula lives in `liftq_cli.io.packed_format` (the module that defines the tensors
+`liftq pack` writes) and is re-exported here, so the plan and the packed file agree:
 
 * codes: each row is cut into n = ceil(i / d) slices of D sign bits; a row's n * D bits are
   packed into 32-bit words: ceil(n * D / 32) * 4 bytes per row, times o rows;
 * scales: one fp16 scale per row, 2 * o bytes;
-* whitening / decode factors (fp16): vectors s1, s2 of length i and orthogonal P1 (p1 x p1),
+* whitening factors (fp16): vectors s1, s2 of length i and orthogonal P1 (p1 x p1),
   P2 (p2 x p2) with p1 * p2 = i, p1 <= p2 the divisor pair closest to sqrt(i):
   2 * (2 * i + p1^2 + p2^2) bytes;
-* each lattice matrix M (d x D, fp16) used by the model is stored once: 2 * d * D bytes.
+* each lattice matrix M (d x D, float32) used by the model is stored once: 4 * d * D bytes.
 
 Everything else is priced by `MemorySettings`: embeddings and lm_head at fp16 / int8 / int4
 (or embeddings in host memory), norms and biases at fp16, the KV cache for ctx x batch at
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from liftq_cli.errors import BadInputError
+from liftq_cli.io.packed_format import lattice_matrix_bytes, packed_linear_bytes
+from liftq_cli.io.packed_format import whitening_factors as whitening_factors
 from liftq_cli.plan.architectures import Architecture, LinearSpec, embedding_params, linears
 from liftq_cli.plan.architectures import other_params as _other_params
 from liftq_cli.quant.configs import LatticeConfig
@@ -104,40 +106,6 @@ def format_bytes(n: int) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n} B"
-
-
-def whitening_factors(in_features: int) -> tuple[int, int]:
-    """(p1, p2): p1 * p2 = in_features, p1 <= p2, the divisor pair closest to sqrt(in_features).
-
-    4096 -> (64, 64), 1536 -> (32, 48), 11008 -> (86, 128).
-    """
-    if in_features < 1:
-        raise BadInputError(f"in_features={in_features} must be positive")
-    p1 = math.isqrt(in_features)
-    while in_features % p1:
-        p1 -= 1
-    return p1, in_features // p1
-
-
-def packed_linear_bytes(out_features: int, in_features: int, cfg: LatticeConfig) -> dict[str, int]:
-    """Bytes of one packed LiftQuant linear of weight shape (out_features, in_features) at `cfg`.
-
-    Returns {"codes", "scales", "whitening"} (see the module docstring for the layout). The
-    lattice matrix M is shared by all linears of a config: add `lattice_matrix_bytes(cfg)` once.
-    """
-    slices = -(-in_features // cfg.d)
-    words_per_row = -(-(slices * cfg.D) // 32)
-    p1, p2 = whitening_factors(in_features)
-    return {
-        "codes": out_features * words_per_row * 4,
-        "scales": FP16 * out_features,
-        "whitening": FP16 * (2 * in_features + p1 * p1 + p2 * p2),
-    }
-
-
-def lattice_matrix_bytes(cfg: LatticeConfig) -> int:
-    """Bytes of the fp16 lattice matrix M (d x D), stored once per model per config."""
-    return FP16 * cfg.d * cfg.D
 
 
 def matrix_bytes(rows: int, cols: int, precision: str) -> int:

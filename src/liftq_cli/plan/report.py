@@ -28,7 +28,7 @@ def _labels(plan: Plan) -> dict[str, str]:
         "codes": "lattice codes (D sign bits per d-slice)",
         "scales": "per-row scales (fp16)",
         "whitening": "whitening factors s1, s2, P1, P2 (fp16)",
-        "lattice_matrices": "lattice matrices M (fp16)",
+        "lattice_matrices": "lattice matrices M (fp32)",
         "embed": f"embeddings ({embed})",
         "lm_head": f"lm_head ({s.lm_head})",
         "norms_biases": "norms, biases, routers (fp16)",

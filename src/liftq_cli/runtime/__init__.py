@@ -1,0 +1,1 @@
+"""Runtime of packed LiftQuant models: `LiftQuantLinear` and the transformers loading hook."""
