@@ -10,7 +10,11 @@ import typer
 
 from liftq_cli import __version__
 from liftq_cli.cli import eval as eval_cmd
+from liftq_cli.cli import lattice as lattice_cmd
+from liftq_cli.cli import pack as pack_cmd
 from liftq_cli.cli import plan as plan_cmd
+from liftq_cli.cli import push as push_cmd
+from liftq_cli.cli import quantize as quantize_cmd
 
 app = typer.Typer(
     name="liftq",
@@ -36,7 +40,7 @@ def root(
     """liftq: plan, quantize, pack, evaluate and publish LiftQuant models."""
 
 
-for module in (eval_cmd, plan_cmd):
+for module in (eval_cmd, lattice_cmd, pack_cmd, plan_cmd, push_cmd, quantize_cmd):
     module.register(app)
 
 

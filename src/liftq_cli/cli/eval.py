@@ -26,6 +26,11 @@ def eval_command(
         None, "--data-dir", help="Folder holding wiki.test.raw (else $LIFTQ_DATA, shared/)."
     ),
     batch_size: int = typer.Option(1, "--batch-size", help="Windows per forward pass."),
+    kld_ref: str | None = typer.Option(
+        None,
+        "--kld-ref",
+        help="Full-precision model: add KL divergence and top-1 agreement on the same tokens.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, no table."),
 ) -> None:
     """Measure perplexity over non-overlapping windows."""
@@ -40,21 +45,24 @@ def eval_command(
             data_dir=data_dir,
             batch_size=batch_size,
             progress=lambda name: lambda done, total: update(f"ppl {name}", done, total),
+            kld_ref=kld_ref,
         )
     if as_json:
         emit_json(report.as_json())
         return
     table = Table(title=f"Perplexity of {model}")
-    for column in ("text", "ppl", "tokens", "windows", "scored"):
+    columns = ["text", "ppl", "tokens", "windows", "scored"]
+    if kld_ref is not None:
+        columns += ["ref ppl", "KL (nats/token)", "top-1 agree"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "text" else "right")
     for name, result in report.results.items():
-        table.add_row(
-            name,
-            f"{result.ppl:.3f}",
-            str(result.tokens),
-            str(result.windows),
-            str(result.tokens_scored),
-        )
+        row = [name, f"{result.ppl:.3f}", str(result.tokens), str(result.windows)]
+        row.append(str(result.tokens_scored))
+        if name in report.divergence:
+            d = report.divergence[name]
+            row += [f"{d.ref_ppl:.3f}", f"{d.kl_mean:.4f}", f"{d.top1_agreement:.4f}"]
+        table.add_row(*row)
     console.print(table)
     console.print(
         f"protocol: ctx {ctx}, stride {ctx} (non-overlapping, remainder dropped), "
@@ -62,6 +70,11 @@ def eval_command(
         f"max tokens {max_tokens or 'all'}; {report.seconds:.1f} s",
         highlight=False,
     )
+    if kld_ref is not None:
+        console.print(
+            f"KL(ref || model) and top-1 agreement against {kld_ref} at the same scored tokens",
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -13,8 +13,9 @@ from liftq_cli import __version__
 from liftq_cli.data.calibration import tokenize
 from liftq_cli.data.text import load_text
 from liftq_cli.errors import BadInputError
+from liftq_cli.evaluate.divergence import DivergenceResult, divergence
 from liftq_cli.evaluate.perplexity import PerplexityResult, perplexity
-from liftq_cli.io.checkpoints import load_model
+from liftq_cli.io.checkpoints import LoadedModel, load_model
 
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
 
@@ -29,9 +30,17 @@ class EvalReport:
     results: dict[str, PerplexityResult] = field(default_factory=dict)
     origins: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    kld_ref: str | None = None
+    divergence: dict[str, DivergenceResult] = field(default_factory=dict)
 
     def as_json(self) -> dict:
         first = next(iter(self.results.values()), None)
+        extra = {}
+        if self.kld_ref is not None:
+            extra = {
+                "kld_ref": self.kld_ref,
+                "kld": {name: d.as_dict() for name, d in self.divergence.items()},
+            }
         return {
             "model": self.model,
             "model_folder": self.folder,
@@ -49,6 +58,7 @@ class EvalReport:
             },
             "results": {name: r.as_dict() for name, r in self.results.items()},
             "sources": self.origins,
+            **extra,
             "liftq_version": __version__,
         }
 
@@ -69,8 +79,13 @@ def evaluate(
     data_dir: Path | None = None,
     batch_size: int = 1,
     progress: ProgressFactory | None = None,
+    kld_ref: str | None = None,
 ) -> EvalReport:
-    """Perplexity of `model_spec` on each dataset; texts are loaded before the model."""
+    """Perplexity of `model_spec` on each dataset; texts are loaded before the model.
+
+    With `kld_ref`, that full-precision model runs on the same windows too, adding the KL
+    divergence and top-1 agreement (`evaluate.divergence`) in the same forward passes.
+    """
     if ctx < 2:
         raise BadInputError(
             f"--ctx {ctx} is too small: a window needs at least 2 tokens (try 1024)"
@@ -85,16 +100,33 @@ def evaluate(
     bos_id = loaded.tokenizer.bos_token_id if bos else None
     if bos and bos_id is None:
         raise BadInputError(f"model '{model_spec}' has no BOS token: drop --bos")
-    report = EvalReport(model_spec, str(loaded.folder), ctx, max_tokens, bos)
+    ref = _load_reference(kld_ref, loaded) if kld_ref is not None else None
+    report = EvalReport(model_spec, str(loaded.folder), ctx, max_tokens, bos, kld_ref=kld_ref)
     for text in texts:
         ids = tokenize(loaded.tokenizer, text.text)
         if max_tokens is not None:
             ids = ids[:max_tokens]
         callback = progress(text.name) if progress else None
         with torch.inference_mode():
-            report.results[text.name] = perplexity(
-                loaded.model, ids, ctx, bos_id=bos_id, batch_size=batch_size, progress=callback
-            )
+            if ref is not None:
+                report.results[text.name], report.divergence[text.name] = divergence(
+                    loaded.model, ref, ids, ctx, bos_id, batch_size, callback
+                )
+            else:
+                report.results[text.name] = perplexity(
+                    loaded.model, ids, ctx, bos_id=bos_id, batch_size=batch_size, progress=callback
+                )
         report.origins[text.name] = text.origin
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _load_reference(spec: str, loaded: LoadedModel) -> torch.nn.Module:
+    """The --kld-ref model; it must share the evaluated model's tokenizer vocabulary."""
+    ref = load_model(spec)
+    if ref.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+        raise BadInputError(
+            f"--kld-ref '{spec}' has a different tokenizer vocabulary from the model: pass the "
+            f"full-precision model it was quantised from"
+        )
+    return ref.model
