@@ -63,3 +63,68 @@ def test_calibration_file_too_short(cli, tmp_path, smollm2_folder):
 def test_exactly_one_target(cli, tmp_path):
     result = cli("quantize", "smollm2-135m", "--out", str(tmp_path / "q"))
     assert_one_line_error(result, "exactly one of --bits, --config or --recipe")
+
+
+@pytest.fixture
+def tiny_llama(tmp_path, smollm2_folder):
+    """A 2-layer random Llama that uses SmolLM2's real tokenizer (so --calib FILE works)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path / "tiny"
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_folder / name, folder / name)
+    return folder
+
+
+def calibration_text(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    return text
+
+
+@pytest.mark.slow
+def test_a_run_logs_each_block_and_writes_an_evaluable_folder(cli, tmp_path, tiny_llama):
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama), "--config", "LQ-24/10", "--out", str(out)]
+    args += ["--calib", str(calibration_text(tmp_path)), "--nsamples", "2", "--seqlen", "32"]
+    args += ["--whiten-steps", "2", "--correction-steps", "2"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert [x.split(":")[0] for x in lines[:2]] == ["block 1/2", "block 2/2"]
+    summary = "".join(lines[2:])  # the console may wrap the summary line
+    assert "LQ-24/10" in summary and "2 blocks" in summary
+    assert (out / "liftq.json").is_file() and (out / "liftq_codes.safetensors").is_file()
+    evaluated = cli("eval", str(out), "--ppl", str(calibration_text(tmp_path)), "--ctx", "64")
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+@pytest.mark.slow
+def test_json_is_one_event_per_block_then_the_summary(cli, tmp_path, tiny_llama):
+    import json
+
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama), "--bits", "2.4", "--out", str(out), "--json"]
+    args += ["--calib", str(calibration_text(tmp_path)), "--nsamples", "2", "--seqlen", "32"]
+    args += ["--whiten-steps", "2", "--correction-steps", "2"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [e["event"] for e in events] == ["block", "block", "done"]
+    assert [e["layer"] for e in events[:2]] == [0, 1]
+    assert events[-1]["config"] == "LQ-24/10" and events[-1]["layers"] == 2

@@ -69,11 +69,19 @@ def quantize_command(
         sequential=not independent,
         correction=CorrectionConfig(steps=correction_steps),
     )
-    with progress_bar(interactive() and not as_json) as update:
+    bar = interactive() and not as_json
+    with progress_bar(bar) as update:
 
         def report(event: dict) -> None:
             if as_json:
                 print(json.dumps(event), flush=True)
+            elif not bar:  # a log (CI, pipe): one plain line per block instead of a bar
+                console.print(
+                    f"block {event['layer'] + 1}/{event['layers']}: output MSE "
+                    f"{event['mse_before']:.4g} -> {event['mse_after']:.4g}, "
+                    f"{event['seconds']:.0f} s",
+                    highlight=False,
+                )
             update("blocks", event["layer"] + 1, event["layers"])
 
         summary = quantize(
