@@ -42,9 +42,17 @@ def test_eval_json_on_the_real_model(cli, smollm2):
 def test_eval_table_states_the_protocol(cli, smollm2, tmp_path):
     text = tmp_path / "mine.txt"
     text.write_text("The cat sat on the mat. " * 200)
-    result = cli("eval", "smollm2-135m", "--ppl", str(text), "--ctx", "256", "--max-tokens", "512")
+    saved = tmp_path / "reports" / "eval.json"
+    result = cli(
+        "eval", "smollm2-135m", "--ppl", str(text), "--ctx", "256", "--max-tokens", "512",
+        "--save", str(saved),
+    )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "mine.txt" in result.stdout
+    report = json.loads(saved.read_text())  # the table on stdout, the JSON report in --save
+    (name,) = report["ppl"]
+    assert report["ctx"] == 256 and report["tokens"][name] == 512
+    assert f"{report['ppl'][name]:.3f}" in result.stdout
     assert "protocol: ctx 256, stride 256" in result.stdout
     # Repetitive text is nearly free to predict once seen.
     ppl = float(

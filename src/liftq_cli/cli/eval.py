@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -9,6 +10,7 @@ from rich.table import Table
 
 from liftq_cli.cli._common import console, emit_json, handle_errors, interactive, progress_bar
 from liftq_cli.evaluate.report import evaluate, parse_datasets
+from liftq_cli.io.atomic import write_text_atomic
 
 
 @handle_errors
@@ -31,6 +33,9 @@ def eval_command(
         "--kld-ref",
         help="Full-precision model: add KL divergence and top-1 agreement on the same tokens.",
     ),
+    save: Path | None = typer.Option(
+        None, "--save", help="Also write the JSON report to this file (for `liftq push`)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, no table."),
 ) -> None:
     """Measure perplexity over non-overlapping windows."""
@@ -47,6 +52,8 @@ def eval_command(
             progress=lambda name: lambda done, total: update(f"ppl {name}", done, total),
             kld_ref=kld_ref,
         )
+    if save is not None:
+        write_text_atomic(save, json.dumps(report.as_json(), indent=2, default=str) + "\n")
     if as_json:
         emit_json(report.as_json())
         return
