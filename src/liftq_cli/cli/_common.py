@@ -17,8 +17,18 @@ from liftq_cli.errors import LiftqError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets its own width; a log or a pipe gets 120 columns ($COLUMNS overrides),
+    not rich's 80, so tables in CI logs are not cut down to ellipses."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=120)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def fail(exc: LiftqError, as_json: bool = False) -> typer.Exit:
