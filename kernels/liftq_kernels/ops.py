@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from liftq_kernels.autotune import DECODE_MAX_ROWS, LUT_MAX_ROWS
-from liftq_kernels.reference import lift_ref, unpack_signs
+from liftq_kernels.reference import bitmm_ref, lift_ref
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -79,8 +79,7 @@ def torch_linear(
     z = lift_ref(x, s1, p1, p2, s2, lattice)
     if z.shape[0] <= LUT_MAX_ROWS and sys.byteorder == "little":
         return lut_bitmm(z, words, scale).to(x.dtype)
-    signs = unpack_signs(words, z.shape[1])
-    return ((z @ signs.T) * scale.float()).to(x.dtype)
+    return bitmm_ref(z, words, scale).to(x.dtype)
 
 
 def triton_linear(
