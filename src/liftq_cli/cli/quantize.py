@@ -34,6 +34,9 @@ def quantize_command(
     independent: bool = typer.Option(
         False, "--independent", help="Feed every block full-precision inputs."
     ),
+    ldlq: bool = typer.Option(
+        True, "--ldlq/--no-ldlq", help="Encode with Hessian error feedback (LDLQ)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="JSON-lines progress and a JSON summary."),
 ) -> None:
     """Quantise every linear of the decoder blocks, block by block, resumably."""
@@ -67,6 +70,7 @@ def quantize_command(
         seed=seed,
         whiten_steps=whiten_steps,
         sequential=not independent,
+        ldlq=ldlq,
         correction=CorrectionConfig(steps=correction_steps),
     )
     bar = interactive() and not as_json

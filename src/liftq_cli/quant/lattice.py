@@ -299,8 +299,10 @@ def encode(x: Tensor, M: Tensor, search: SearchConfig = DEFAULT_SEARCH) -> Tenso
     plan = _cached_plan(M.to(flat.device), search)
     on_cpu = flat.device.type == "cpu"
     chunk = search.chunk if on_cpu else search.gpu_chunk
-    parts = list(flat.split(chunk)) if flat.shape[0] else []
     workers = (search.threads or torch.get_num_threads()) if on_cpu else 1
+    # A small call (one column block of a layer) is still spread over every worker.
+    chunk = min(chunk, max(64, -(-flat.shape[0] // workers)))
+    parts = list(flat.split(chunk)) if flat.shape[0] else []
     with torch.no_grad(), _cpu_settings(on_cpu):
         if workers > 1 and len(parts) > 1:
             with ThreadPoolExecutor(min(workers, len(parts))) as pool:

@@ -5,6 +5,12 @@
 Each whitened row is normalised to unit RMS so its d-slices look like N(0, I_d) samples (the
 source M was trained on), padded with zeros to a multiple of d, encoded, and given the
 least-squares row scale s over its real (unpadded) coordinates.
+
+With the layer's calibration Gram matrix H the slices are encoded with error feedback (LDLQ,
+as in GPTQ and QuIP#, one d-column block at a time): in the whitened basis the output error of
+E' = W T - Q' is tr(E' H' E'^T) with H' = T^-1 H T^-T, so the error of each encoded block is
+pushed onto the columns not yet encoded through the Cholesky factor of H'^-1, and the row
+scales are the H'-weighted least-squares ones.
 """
 
 from __future__ import annotations
@@ -16,7 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from liftq_cli.quant.configs import LatticeConfig
-from liftq_cli.quant.whitening import Whitening, unwhiten_weight, whiten_weight
+from liftq_cli.quant.whitening import (
+    Whitening,
+    lift_activation,
+    unwhiten_weight,
+    whiten_weight,
+)
 
 Encoder = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -78,20 +89,80 @@ def row_scales(whitened: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
     return (whitened * approx).sum(1) / approx.pow(2).sum(1).clamp_min(1e-12)
 
 
+def whitened_hessian(gram: torch.Tensor, wh: Whitening) -> torch.Tensor:
+    """H' = T^-1 H T^-T (float64 [n, n]): the output-error metric in the whitened basis."""
+    lift = lift_activation(torch.eye(gram.shape[0], dtype=torch.float64), _as64(wh))  # T^-T
+    return lift.T @ gram.double() @ lift
+
+
+def _as64(wh: Whitening) -> Whitening:
+    return Whitening(*(t.double() for t in (wh.s1, wh.p1, wh.p2, wh.s2)))
+
+
+def ldlq_encode(
+    target: torch.Tensor,
+    hessian: torch.Tensor,
+    matrix: torch.Tensor,
+    encode: Encoder,
+    damp: float = 0.01,
+) -> torch.Tensor:
+    """Encode rows of target [out, n] slice by slice with error feedback: bool [out, s, D].
+
+    hessian: H' [n, n] in target's basis; `damp` * mean(diag) is added for stability.
+    """
+    out, n = target.shape
+    d = matrix.shape[0]
+    h = hessian.double().clone()
+    h.diagonal().add_(damp * float(h.diagonal().mean().clamp_min(1e-12)))
+    # H^-1 = U^T U with U upper triangular: the GPTQ/LDLQ feedback factor.
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    work = target.double().clone()
+    codes = []
+    for start in range(0, n, d):
+        stop = min(start + d, n)
+        block = torch.zeros(out, d, dtype=torch.float64)
+        block[:, : stop - start] = work[:, start:stop]
+        signs = encode(block.float().unsqueeze(1), matrix)[:, 0]
+        signs = signs if signs.dtype == torch.bool else signs > 0
+        codes.append(signs)
+        if stop < n:
+            decoded = (signs.double() * 2 - 1) @ matrix.double().T
+            err = work[:, start:stop] - decoded[:, : stop - start]
+            feedback = torch.linalg.solve_triangular(
+                upper[start:stop, start:stop], upper[start:stop, stop:], upper=True
+            )
+            work[:, stop:] -= err @ feedback
+    return torch.stack(codes, dim=1)
+
+
 def quantize_linear(
     weight: torch.Tensor,
     whitening: Whitening,
     cfg: LatticeConfig,
     matrix: torch.Tensor,
     encode: Encoder,
+    gram: torch.Tensor | None = None,
 ) -> QuantizedLinear:
-    """Encode weight [out, in] (float32) with lattice `cfg` (M: [d, D]) after whitening."""
+    """Encode weight [out, in] (float32) with lattice `cfg` (M: [d, D]) after whitening.
+
+    gram: the layer's calibration X^T X [in, in]; when given, slices are encoded with LDLQ
+    error feedback and the row scales minimise the output error instead of the weight error.
+    """
     whitened = whiten_weight(weight.float(), whitening)
     rms = whitened.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
-    slices = slice_rows(whitened / rms, cfg.d)
-    signs = encode(slices, matrix)
-    codes = signs > 0 if signs.dtype != torch.bool else signs
+    if gram is None:
+        signs = encode(slice_rows(whitened / rms, cfg.d), matrix)
+        codes = signs > 0 if signs.dtype != torch.bool else signs
+    else:
+        hessian = whitened_hessian(gram, whitening)
+        codes = ldlq_encode(whitened / rms, hessian, matrix, encode)
     approx = ((codes.float() * 2 - 1) @ matrix.T).reshape(weight.shape[0], -1)
     approx = approx[:, : weight.shape[1]]
-    scale = row_scales(whitened, approx)
+    if gram is None:
+        scale = row_scales(whitened, approx)
+    else:
+        metric = hessian.float()
+        scale = ((whitened @ metric) * approx).sum(1) / (
+            ((approx @ metric) * approx).sum(1).clamp_min(1e-12)
+        )
     return QuantizedLinear(cfg, weight.shape[1], codes, scale.float(), whitening, matrix.float())

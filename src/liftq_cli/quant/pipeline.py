@@ -46,6 +46,7 @@ class QuantizeOptions:
     seed: int = 0
     whiten_steps: int = 50
     sequential: bool = True
+    ldlq: bool = True  # error feedback while encoding (layerwise.ldlq_encode)
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
 
 
@@ -278,11 +279,21 @@ def _quantize_blocks(
                 cfg.bits,
                 steps=options.whiten_steps,
                 seed=options.seed * 1000 + layer * 16 + index,
+                # Error feedback already favours the high-energy input channels; on
+                # SmolLM2 the AWQ exponent then adds error (bench/ldlq.py).
+                alphas=(0.0,) if options.ldlq else (0.0, 0.25, 0.5, 0.75),
             )
             proxy.append(err)
             timings["whiten"] += time.perf_counter() - tick
             tick = time.perf_counter()
-            quant = quantize_linear(linear.weight.detach(), wh, cfg, matrices(cfg), encode)
+            quant = quantize_linear(
+                linear.weight.detach(),
+                wh,
+                cfg,
+                matrices(cfg),
+                encode,
+                gram=gram if options.ldlq else None,
+            )
             timings["encode"] += time.perf_counter() - tick
             bias = None if linear.bias is None else linear.bias.detach()
             _set_module(block, name, CorrectableLinear(quant, bias, options.correction.latent_init))
