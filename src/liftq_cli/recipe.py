@@ -31,7 +31,7 @@ import yaml
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.atomic import write_text_atomic
 from liftq_cli.plan.architectures import LINEAR_KINDS
-from liftq_cli.plan.memory import KV_BITS, PRECISIONS
+from liftq_cli.plan.memory import DEFAULT_CTX, KV_BITS, PRECISIONS
 from liftq_cli.quant.configs import LatticeConfig
 
 FORMAT_VERSION = 1
@@ -59,7 +59,7 @@ class Recipe:
     layers: dict[int, dict[str, LatticeConfig]] = field(default_factory=dict)
     embed: str = "host"
     lm_head: str = "int8"
-    ctx: int = 4096
+    ctx: int = DEFAULT_CTX
     batch: int = 1
     kv_bits: int = 16
     vram_bytes: int | None = None

@@ -18,17 +18,17 @@ def _json(result) -> dict:
 
 def test_headline_llama_70b_on_24gb(cli):
     data = _json(cli("plan", "--model", "llama-70b", "--vram", "24GB", "--json"))
-    assert data["model"] == "llama-3-70b" and data["config"] == "LQ-23/10"
+    assert data["model"] == "llama-3-70b" and data["config"] == "LQ-24/10"
     assert 2.3 <= data["bits"] <= 2.5
     assert data["vram_bytes"] == 24_000_000_000 and data["fits"] is True
     assert sum(data["bytes"]["breakdown"].values()) == data["bytes"]["total"] <= 24_000_000_000
     assert data["headroom_bytes"] == 24_000_000_000 - data["bytes"]["total"]
     assert data["params"] == 70_553_706_496
     alternatives = {alt["config"]: alt for alt in data["alternatives"]}
-    assert set(alternatives) == {"LQ-25/10", "LQ-24/10", "LQ-22/10", "LQ-30/14"}
-    assert alternatives["LQ-24/10"]["fits"] is False and alternatives["LQ-22/10"]["fits"] is True
+    assert set(alternatives) == {"LQ-26/10", "LQ-25/10", "LQ-23/10", "LQ-22/10"}
+    assert alternatives["LQ-25/10"]["fits"] is False and alternatives["LQ-23/10"]["fits"] is True
     assumptions = data["assumptions"]
-    assert (assumptions["ctx"], assumptions["batch"], assumptions["kv_bits"]) == (4096, 1, 16)
+    assert (assumptions["ctx"], assumptions["batch"], assumptions["kv_bits"]) == (2048, 1, 16)
     assert (assumptions["embed"], assumptions["lm_head"]) == ("host", "int8")
     assert assumptions["cuda_context_bytes"] == DEFAULT_CUDA_CONTEXT
     assert assumptions["workspace_bytes"] == DEFAULT_WORKSPACE
@@ -38,15 +38,17 @@ def test_headline_llama_70b_on_24gb(cli):
 
 def test_headline_qwen_32b_on_12gb(cli):
     data = _json(cli("plan", "--model", "qwen2.5-32b", "--vram", "12GB", "--json"))
-    assert data["config"] == "LQ-23/10" and data["bytes"]["total"] <= 12_000_000_000
+    assert data["config"] == "LQ-24/10" and data["bytes"]["total"] <= 12_000_000_000
+    mixed = _json(cli("plan", "--model", "qwen2.5-32b", "--vram", "12GB", "--mixed", "--json"))
+    assert 2.45 <= mixed["bits"] <= 2.5 and mixed["bytes"]["total"] <= 12_000_000_000
     data = _json(cli("plan", "--model", "qwen2.5-32b", "--vram", "12GiB", "--json"))
-    assert data["config"] == "LQ-25/10" and data["vram_bytes"] == 12 * 2**30
+    assert data["config"] == "LQ-26/10" and data["vram_bytes"] == 12 * 2**30
 
 
 def test_table_output_states_the_defaults(cli):
     result = cli("plan", "--model", "llama-70b", "--vram", "24GB")
     assert result.exit_code == 0
-    for fragment in ("LQ-23/10", "headroom", "alternatives", "ctx 4096", "lm_head int8"):
+    for fragment in ("LQ-24/10", "headroom", "alternatives", "ctx 2048", "lm_head int8"):
         assert fragment in result.stdout
     assert "24,000,000,000 bytes" in result.stdout
 
@@ -92,9 +94,9 @@ def test_write_recipe(cli, tmp_path):
         cli("plan", "-m", "llama-70b", "--vram", "24GB", "--write-recipe", str(target), "--json")
     )
     recipe = load(target)
-    assert recipe.model == "meta-llama/Meta-Llama-3-70B" and recipe.config.name == "LQ-23/10"
+    assert recipe.model == "meta-llama/Meta-Llama-3-70B" and recipe.config.name == "LQ-24/10"
     assert recipe.predicted_bytes == data["bytes"]["total"] and recipe.vram_bytes == 24 * 10**9
-    assert (recipe.embed, recipe.lm_head, recipe.ctx) == ("host", "int8", 4096)
+    assert (recipe.embed, recipe.lm_head, recipe.ctx) == ("host", "int8", 2048)
     assert data["recipe"] == str(target)
 
 
@@ -142,8 +144,8 @@ def test_list_models(cli):
         (["-m", "llama-70b", "--vram", "24GB", "--embed", "fp8"], 2, ["--embed 'fp8'"]),
         (["-m", "llama-70b", "--vram", "24GB", "--kv-bits", "3"], 2, ["--kv-bits 3"]),
         (["-m", "llama-70b", "--vram", "24GB", "--sensitivity", "x.yaml"], 2, ["needs --mixed"]),
-        (["-m", "llama-70b", "--vram", "8GB"], 3, ["does not fit", "minimum is --vram 17.19GB"]),
-        (["-m", "llama-70b", "--vram", "8GB", "--mixed"], 3, ["minimum is --vram 17.19GB"]),
+        (["-m", "llama-70b", "--vram", "8GB"], 3, ["does not fit", "minimum is --vram 16.52GB"]),
+        (["-m", "llama-70b", "--vram", "8GB", "--mixed"], 3, ["minimum is --vram 16.52GB"]),
     ],
 )
 def test_errors_are_one_line(cli, args, code, fragments):

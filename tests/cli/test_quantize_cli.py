@@ -128,3 +128,50 @@ def test_json_is_one_event_per_block_then_the_summary(cli, tmp_path, tiny_llama)
     assert [e["event"] for e in events] == ["block", "block", "done"]
     assert [e["layer"] for e in events[:2]] == [0, 1]
     assert events[-1]["config"] == "LQ-24/10" and events[-1]["layers"] == 2
+
+
+def mixed_recipe(tmp_path, layers: dict) -> str:
+    from liftq_cli.quant.configs import LatticeConfig
+    from liftq_cli.recipe import Recipe, dump
+
+    recipe = Recipe(
+        model="tiny",
+        config=LatticeConfig(24, 10),
+        layers={k: {n: LatticeConfig.parse(c) for n, c in v.items()} for k, v in layers.items()},
+    )
+    dump(recipe, tmp_path / "recipe.yaml")
+    return str(tmp_path / "recipe.yaml")
+
+
+@pytest.mark.slow
+def test_a_mixed_recipe_quantises_each_linear_at_its_own_config(cli, tmp_path, tiny_llama):
+    import json
+
+    out = tmp_path / "q"
+    recipe = mixed_recipe(tmp_path, {1: {"down_proj": "LQ-30/10", "q_proj": "LQ-20/10"}})
+    args = ["quantize", str(tiny_llama), "--recipe", recipe, "--out", str(out), "--json"]
+    args += ["--calib", str(calibration_text(tmp_path)), "--nsamples", "2", "--seqlen", "32"]
+    args += ["--whiten-steps", "0", "--correction-steps", "1"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    configs = json.loads((out / "liftq.json").read_text())["layers"]
+    assert configs["model.layers.1.mlp.down_proj"] == "LQ-30/10"
+    assert configs["model.layers.1.self_attn.q_proj"] == "LQ-20/10"
+    assert configs["model.layers.0.mlp.down_proj"] == "LQ-24/10"
+    assert sum(v != "LQ-24/10" for v in configs.values()) == 2
+    # hidden 64, intermediate 128: down_proj 64x128 at 3.0, q_proj 64x64 at 2.0, rest at 2.4
+    sizes = {"q": 64 * 64, "k": 32 * 64, "v": 32 * 64, "o": 64 * 64, "mlp": 3 * 64 * 128}
+    total = 2 * sum(sizes.values())
+    expected = 2.4 + (64 * 128 * (3.0 - 2.4) + 64 * 64 * (2.0 - 2.4)) / total
+    assert summary["mixed"] is True and summary["bits"] == pytest.approx(expected)
+    packed = cli("pack", str(out), "--out", str(tmp_path / "packed"), "--json")
+    assert packed.exit_code == 0, packed.output
+
+
+def test_a_mixed_recipe_for_another_model_is_refused(cli, tmp_path, tiny_llama):
+    out = tmp_path / "q"
+    recipe = mixed_recipe(tmp_path, {5: {"down_proj": "LQ-30/10"}})
+    result = cli("quantize", str(tiny_llama), "--recipe", recipe, "--out", str(out))
+    assert_one_line_error(result, "layer 5")
+    assert not out.exists() and not (tmp_path / ".q.work").exists()

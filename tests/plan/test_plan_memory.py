@@ -94,7 +94,7 @@ def test_breakdown_sums_and_weights():
     assert breakdown.parts["lattice_matrices"] == 960
     assert breakdown.parts["embed"] == 0 and breakdown.host_bytes == 2 * 128256 * 8192
     assert breakdown.parts["lm_head"] == 128256 * 8192 + 2 * 128256  # int8 + fp16 row scales
-    assert breakdown.parts["kv_cache"] == 1_342_177_280  # 80 x 2 x 1024 x 2 B x 4096
+    assert breakdown.parts["kv_cache"] == 671_088_640  # 80 x 2 x 1024 x 2 B x 2048 (default)
 
 
 def test_kv_cache_bits_and_batch():

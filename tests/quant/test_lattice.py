@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -137,22 +135,15 @@ def test_wider_beam_is_never_worse(small_matrix):
 
 
 @pytest.mark.parametrize("pair", [(24, 10), (32, 20)], ids=["LQ-24/10", "LQ-32/20"])
-def test_encoder_beats_pad_search_and_is_faster(pair):
-    """Same matrix, same slices; LQ-32/20 also covers sign bit 31 of the packed words."""
+def test_encoder_is_as_good_as_pad_search(pair):
+    """Same matrix, same slices; LQ-32/20 also covers sign bit 31 of the packed words.
+    Speed is measured side by side in bench/lattice.py, not asserted here."""
     cfg = LatticeConfig(*pair)
     M = load_catalog_matrix(cfg)
     x = gaussian(300, cfg.d, seed=21)
-    start = time.perf_counter()
     pad = pad_search_encode(x, M)
-    pad_seconds = time.perf_counter() - start
-    encode(x[:10], M)  # plan is cached per matrix, as in the quantiser
-    start = time.perf_counter()
     ours = encode(x, M)
-    ours_seconds = time.perf_counter() - start
     assert gaussian_mse(x, M, ours) <= 1.01 * gaussian_mse(x, M, pad)
-    if pair == (24, 10):  # 2^14 pad candidates per slice (32/20: only 2^12)
-        # Bench target is >= 20x; a loose bound here so a loaded CI box does not flake.
-        assert pad_seconds > 5 * ours_seconds
 
 
 def test_catalog_covers_every_config_with_shapes():

@@ -49,17 +49,12 @@ def quantize_command(
         raise BadInputError(
             f"give exactly one of --bits, --config or --recipe (got {', '.join(chosen) or 'none'})"
         )
-    recipe_text = None
+    recipe_text, overrides = None, {}
     if recipe is not None:
         from liftq_cli.recipe import load
 
         loaded = load(recipe)
-        if loaded.layers:
-            raise BadInputError(
-                f"recipe '{recipe}' has per-layer configs: mixed recipes are not quantised yet; "
-                f"re-plan without --mixed"
-            )
-        lattice = loaded.config
+        lattice, overrides = loaded.config, loaded.layers  # mixed plans override per linear
         recipe_text = recipe.read_text()
     elif config is not None:
         lattice = LatticeConfig.parse(config)
@@ -89,13 +84,24 @@ def quantize_command(
             update("blocks", event["layer"] + 1, event["layers"])
 
         summary = quantize(
-            model, out, lattice, calib, nsamples, seqlen, work_dir, options, recipe_text, report
+            model,
+            out,
+            lattice,
+            calib,
+            nsamples,
+            seqlen,
+            work_dir,
+            options,
+            recipe_text,
+            report,
+            layers=overrides,
         )
     if as_json:  # JSON lines throughout: the summary is the last line
         print(json.dumps({"event": "done", **summary}, default=str), flush=True)
         return
+    at = f"{summary['config']} + per-layer overrides" if summary["mixed"] else summary["config"]
     console.print(
-        f"quantised {model} at {summary['config']} ({summary['bits']:.2f} bits): "
+        f"quantised {model} at {at} ({summary['bits']:.{3 if summary['mixed'] else 2}f} bits): "
         f"{summary['layers']} blocks in {summary['seconds']:.0f} s -> {summary['out']}",
         highlight=False,
     )

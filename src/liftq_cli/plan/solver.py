@@ -306,31 +306,47 @@ def plan_mixed(
     table = [[_group_bytes(spec, cfg) for cfg in ladder] for spec in specs]
     candidates = uniform_candidates(arch, vram_bytes, settings, configs)
     available = vram_bytes - sum(fixed_bytes(arch, settings).values())
-    level = [0] * len(specs)
-    used = {ladder[0]}
-    spent = sum(row[0] for row in table) + lattice_matrix_bytes(ladder[0])
-    if spent > available:
+    if sum(row[0] for row in table) + lattice_matrix_bytes(ladder[0]) > available:
         raise _does_not_fit(arch, vram_bytes, candidates[0], settings)
 
-    def step(g: int) -> tuple[float, int]:
-        k = level[g]
-        nxt = ladder[k + 1]
-        cost = table[g][k + 1] - table[g][k] + (0 if nxt in used else lattice_matrix_bytes(nxt))
-        drop = 2.0 ** (-2 * ladder[k].bits) - 2.0 ** (-2 * nxt.bits)
-        return weights[specs[g].name] * specs[g].params * drop / max(cost, 1), cost
+    def greedy(start: int) -> list[int]:
+        """Upgrade groups from ladder level `start`, best distortion drop per byte first."""
+        level = [start] * len(specs)
+        used = {ladder[start]}
+        spent = sum(row[start] for row in table) + lattice_matrix_bytes(ladder[start])
 
-    heap = [(-step(g)[0], g) for g in range(len(specs)) if len(ladder) > 1]
-    heapq.heapify(heap)
-    while heap:
-        _, g = heapq.heappop(heap)
-        _, cost = step(g)  # recompute: a newly used config makes its M free
-        if spent + cost > available:
-            continue  # budget only shrinks, so this group's later steps never fit either
-        level[g] += 1
-        spent += cost
-        used.add(ladder[level[g]])
-        if level[g] + 1 < len(ladder):
-            heapq.heappush(heap, (-step(g)[0], g))
+        def step(g: int) -> tuple[float, int]:
+            k = level[g]
+            nxt = ladder[k + 1]
+            cost = table[g][k + 1] - table[g][k] + (0 if nxt in used else lattice_matrix_bytes(nxt))
+            drop = 2.0 ** (-2 * ladder[k].bits) - 2.0 ** (-2 * nxt.bits)
+            return weights[specs[g].name] * specs[g].params * drop / max(cost, 1), cost
+
+        heap = [(-step(g)[0], g) for g in range(len(specs)) if start + 1 < len(ladder)]
+        heapq.heapify(heap)
+        while heap:
+            _, g = heapq.heappop(heap)
+            _, cost = step(g)  # recompute: a newly used config makes its M free
+            if spent + cost > available:
+                continue  # budget only shrinks, so this group's later steps never fit either
+            level[g] += 1
+            spent += cost
+            used.add(ladder[level[g]])
+            if level[g] + 1 < len(ladder):
+                heapq.heappush(heap, (-step(g)[0], g))
+        return level
+
+    def mean_bits(level: list[int]) -> float:
+        return sum(s.params * ladder[k].bits for s, k in zip(specs, level, strict=True)) / sum(
+            s.params for s in specs
+        )
+
+    level = greedy(0)
+    uniform = [c for c in candidates if c.fits and c.config in ladder]
+    if uniform and mean_bits(level) < uniform[-1].config.bits:
+        # Near the top of the ladder the greedy from the bottom can strand budget that the
+        # best uniform level uses; upgrading from that level is then never worse.
+        level = greedy(ladder.index(uniform[-1].config))
     assignment = {spec.name: ladder[level[g]] for g, spec in enumerate(specs)}
     breakdown = model_breakdown(arch, lambda spec: assignment[spec.name], settings)
     plan = Plan(arch, settings, vram_bytes, assignment, breakdown, mixed=True)

@@ -16,7 +16,12 @@ from liftq_cli.errors import BadInputError
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve
 from liftq_cli.io.quantized import write_quantized
 from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
-from liftq_cli.quant.pipeline import QuantizeOptions, build_skeleton, quantize_blocks
+from liftq_cli.quant.pipeline import (
+    QuantizeOptions,
+    build_skeleton,
+    linear_kinds,
+    quantize_blocks,
+)
 
 BITS_TOLERANCE = 0.05
 
@@ -62,16 +67,30 @@ def quantize(
     options: QuantizeOptions | None = None,
     recipe_text: str | None = None,
     progress: Callable[[dict], None] | None = None,
+    layers: dict[int, dict[str, LatticeConfig]] | None = None,
 ) -> dict:
-    """Quantise `model` with lattice `config` into `out`; returns a JSON-ready summary."""
+    """Quantise `model` with lattice `config` into `out`; returns a JSON-ready summary.
+
+    layers: per-linear overrides of a mixed recipe, {layer: {kind: config}} (kind: q_proj,
+    ..., down_proj); every other linear uses `config`.
+    """
     from liftq_cli.quant.lattice import encode
     from liftq_cli.quant.lattice_catalog import load_catalog_matrix
 
     options = options or QuantizeOptions()
+    layers = layers or {}
     check_writable(out)
-    load_catalog_matrix(config)  # an unknown lattice fails before any work dir is made
+    for cfg in {config, *(c for kinds in layers.values() for c in kinds.values())}:
+        load_catalog_matrix(cfg)  # an unknown lattice fails before any work dir is made
     folder = materialize(resolve(model))
-    hf_config, _ = build_skeleton(folder)  # refuses unsupported architectures early
+    hf_config, skeleton = build_skeleton(folder)  # refuses unsupported architectures early
+    shapes = linear_shapes(skeleton)
+    check_overrides(layers, shapes)
+
+    def config_for(layer: int, kind: str) -> LatticeConfig:
+        return layers.get(layer, {}).get(kind, config)
+
+    bits = average_bits(shapes, config_for)
     text = load_text(calib)
     calibration = calibration_set(text, load_tokenizer(folder), nsamples, seqlen, options.seed)
     work_dir = work_dir or out.with_name(f".{out.name}.work")
@@ -83,10 +102,14 @@ def quantize(
         "nsamples": nsamples,
         "seqlen": seqlen,
     }
+    if layers:  # only mixed jobs carry the key, so uniform work dirs keep resuming
+        settings["layers"] = {
+            str(k): {n: c.name for n, c in sorted(v.items())} for k, v in sorted(layers.items())
+        }
     began = time.perf_counter()
     reports = quantize_blocks(
         folder,
-        lambda layer, kind: config,
+        config_for,
         calibration.input_ids,
         work_dir,
         load_catalog_matrix,
@@ -98,7 +121,8 @@ def quantize(
     metadata = {
         "model": model,
         "lattice": config.name,
-        "bits": config.bits,
+        "bits": bits,
+        "mixed": bool(layers),
         "calibration": {
             "source": calib,
             "nsamples": nsamples,
@@ -117,10 +141,48 @@ def quantize(
         "model": model,
         "out": str(out),
         "config": config.name,
-        "bits": config.bits,
+        "bits": bits,
+        "mixed": bool(layers),
         "layers": len(reports),
         "seconds": round(time.perf_counter() - began, 2),
         "files": files,
         "work_dir": str(work_dir),
         "blocks": json.loads(json.dumps([asdict(r) for r in reports])),
     }
+
+
+def linear_shapes(skeleton) -> dict[tuple[int, str], tuple[int, int]]:
+    """(layer, kind) -> (out, in) of every decoder linear, read off the meta-device model."""
+    return {
+        (layer, name.rpartition(".")[2]): (m.out_features, m.in_features)
+        for layer, block in enumerate(skeleton.model.layers)
+        for name, m in linear_kinds(block).items()
+    }
+
+
+def check_overrides(
+    layers: dict[int, dict[str, LatticeConfig]], shapes: dict[tuple[int, str], tuple[int, int]]
+) -> None:
+    """Refuse per-layer overrides that name a block or linear this model does not have."""
+    count = 1 + max((layer for layer, _ in shapes), default=-1)
+    kinds = sorted({kind for _, kind in shapes})
+    for layer, overrides in sorted(layers.items()):
+        if layer >= count:
+            raise BadInputError(
+                f"recipe overrides layer {layer} but the model has {count} layers (0 to "
+                f"{count - 1}): re-run `liftq plan --write-recipe` for this model"
+            )
+        for kind in overrides:
+            if (layer, kind) not in shapes:
+                raise BadInputError(
+                    f"recipe overrides layers.{layer}.{kind} but this model's linears are "
+                    f"{', '.join(kinds)}: re-run `liftq plan --write-recipe` for this model"
+                )
+
+
+def average_bits(
+    shapes: dict[tuple[int, str], tuple[int, int]], config_for: Callable[[int, str], LatticeConfig]
+) -> float:
+    """Code bits per weight over all decoder linears (D/d weighted by each linear's size)."""
+    total = sum(o * i for o, i in shapes.values())
+    return sum(o * i * config_for(*key).bits for key, (o, i) in shapes.items()) / max(total, 1)
