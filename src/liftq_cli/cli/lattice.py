@@ -86,6 +86,9 @@ def train_command(
     beam: int = typer.Option(32, "--beam", help="K-best beam while training."),
     restarts: int = typer.Option(1, "--restarts", help="Independent starts; the best is kept."),
     init: str = typer.Option("orthonormal", "--init", help="orthonormal or hadamard (D = 2d)."),
+    ratio: float = typer.Option(
+        1.2, "--ratio", help="hadamard init: a in [a I, H/sqrt(d)] of the first start."
+    ),
     device: str = DEVICE_OPTION,
     out: Path | None = typer.Option(None, "--out", help="Write the matrix here (safetensors)."),
     as_json: bool = JSON_OPTION,
@@ -101,6 +104,7 @@ def train_command(
         restarts=restarts,
         init=init,
         seed=seed,
+        ratio=ratio,
     )
     train.check(cfg)
     device = _device(device)

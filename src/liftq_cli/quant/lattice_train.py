@@ -50,10 +50,12 @@ class TrainConfig:
     train_beam:        K-best beam while training (the evaluation uses the default encoder).
     restarts:          independent starts (seeds seed*1000 + r); the best on validation wins.
     init:              "orthonormal" (random orthonormal rows), "hadamard" (D = 2d, d a
-                       power of two: M = [a I, H/sqrt(d)] with a = 1.2 + 0.1 r for start r,
+                       power of two: M = [a I, H/sqrt(d)] with a = ratio + 0.1 r for start r,
                        a structured start from which Lloyd ends lower on LQ-16/8) or
-                       "mixed" (even starts hadamard with a = 1.2 + 0.1 r/2, odd orthonormal).
+                       "mixed" (even starts hadamard with a = ratio + 0.1 r/2, odd
+                       orthonormal).
     seed:              base seed.
+    ratio:             a of the first hadamard start.
     """
 
     iterations: int = 40
@@ -64,6 +66,7 @@ class TrainConfig:
     restarts: int = 1
     init: str = "orthonormal"
     seed: int = 0
+    ratio: float = 1.2
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.final_iterations < 0:
@@ -116,6 +119,7 @@ class TrainResult:
             "train_beam": self.train.train_beam,
             "restarts": self.train.restarts,
             "init": self.train.init,
+            **({"ratio": self.train.ratio} if self.train.init != "orthonormal" else {}),
             "best_restart": self.restart,
             "gaussian_mse": round(self.mse, 6),
             "eval_samples": EVAL_SAMPLES,
@@ -178,9 +182,9 @@ def evaluate_matrix(
 
 def _start(cfg: LatticeConfig, train: TrainConfig, restart: int, gen: torch.Generator) -> Tensor:
     if train.init == "hadamard":
-        return hadamard_start(cfg, 1.2 + 0.1 * restart)
+        return hadamard_start(cfg, train.ratio + 0.1 * restart)
     if train.init == "mixed" and restart % 2 == 0:
-        return hadamard_start(cfg, 1.2 + 0.1 * (restart // 2))
+        return hadamard_start(cfg, train.ratio + 0.1 * (restart // 2))
     return orthonormal_rows(cfg, gen)
 
 

@@ -185,4 +185,5 @@ def average_bits(
 ) -> float:
     """Code bits per weight over all decoder linears (D/d weighted by each linear's size)."""
     total = sum(o * i for o, i in shapes.values())
-    return sum(o * i * config_for(*key).bits for key, (o, i) in shapes.items()) / max(total, 1)
+    bits = sum(o * i * config_for(*key).bits for key, (o, i) in shapes.items()) / max(total, 1)
+    return round(bits, 6)
