@@ -27,6 +27,7 @@ from bench.ldlq import block_inputs  # noqa: E402
 
 from liftq_cli.data.calibration import calibration_set  # noqa: E402
 from liftq_cli.data.text import load_text  # noqa: E402
+from liftq_cli.io.atomic import write_text_atomic  # noqa: E402
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve  # noqa: E402
 from liftq_cli.quant import pipeline  # noqa: E402
 from liftq_cli.quant.block_correction import (  # noqa: E402
@@ -100,10 +101,7 @@ def main() -> None:
             f"| {label} | {r.mse_before:.5f} | {r.mse_after:.5f} | "
             f"{r.mse_after / r.mse_before - 1:+.1%} | {r.flipped:.4%} | {seconds:.0f} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(args.out)
+    write_text_atomic(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from liftq_cli.data.calibration import calibration_set
 from liftq_cli.data.text import load_text
+from liftq_cli.io.atomic import write_text_atomic
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve
 from liftq_cli.io.weights import WeightReader
 from liftq_cli.quant import pipeline
@@ -126,10 +127,7 @@ def main() -> None:
         f"| all | mean | {mean['plain']:.5f} | {mean['ldlq+awq']:.5f} | {mean['ldlq']:.5f} | "
         f"{mean['ldlq'] / mean['plain']:.2f} |"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(args.out)
+    write_text_atomic(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

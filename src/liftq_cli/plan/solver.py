@@ -342,7 +342,7 @@ def plan_mixed(
         )
 
     level = greedy(0)
-    uniform = [c for c in candidates if c.fits and c.config in ladder]
+    uniform = [c for c in candidates if c.fits]  # candidates are priced on `ladder`
     if uniform and mean_bits(level) < uniform[-1].config.bits:
         # Near the top of the ladder the greedy from the bottom can strand budget that the
         # best uniform level uses; upgrading from that level is then never worse.

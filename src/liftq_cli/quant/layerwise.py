@@ -84,9 +84,21 @@ def slice_rows(rows: torch.Tensor, d: int) -> torch.Tensor:
     return padded.view(out, n_slices, d)
 
 
-def row_scales(whitened: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
-    """Least-squares scale per row: argmin_s ||w - s a||^2 = <w, a> / <a, a>."""
-    return (whitened * approx).sum(1) / approx.pow(2).sum(1).clamp_min(1e-12)
+def row_scales(
+    whitened: torch.Tensor, approx: torch.Tensor, metric: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Least-squares scale per row: argmin_s ||w - s a||^2 = <w, a> / <a, a>, or with a
+    metric H the H-weighted one, <w H, a> / <a H, a>."""
+    if metric is None:
+        return (whitened * approx).sum(1) / approx.pow(2).sum(1).clamp_min(1e-12)
+    return ((whitened @ metric) * approx).sum(1) / ((approx @ metric) * approx).sum(1).clamp_min(
+        1e-12
+    )
+
+
+def _as_codes(signs: torch.Tensor) -> torch.Tensor:
+    """An encoder's output as bool codes (True = +1): encoders return bool or +-1 floats."""
+    return signs if signs.dtype == torch.bool else signs > 0
 
 
 def whitened_hessian(gram: torch.Tensor, wh: Whitening) -> torch.Tensor:
@@ -117,16 +129,16 @@ def ldlq_encode(
     # H^-1 = U^T U with U upper triangular: the GPTQ/LDLQ feedback factor.
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     work = target.double().clone()
+    decode = matrix.double().T
     codes = []
     for start in range(0, n, d):
         stop = min(start + d, n)
         block = torch.zeros(out, d, dtype=torch.float64)
         block[:, : stop - start] = work[:, start:stop]
-        signs = encode(block.float().unsqueeze(1), matrix)[:, 0]
-        signs = signs if signs.dtype == torch.bool else signs > 0
+        signs = _as_codes(encode(block.float().unsqueeze(1), matrix)[:, 0])
         codes.append(signs)
         if stop < n:
-            decoded = (signs.double() * 2 - 1) @ matrix.double().T
+            decoded = (signs.double() * 2 - 1) @ decode
             err = work[:, start:stop] - decoded[:, : stop - start]
             feedback = torch.linalg.solve_triangular(
                 upper[start:stop, start:stop], upper[start:stop, stop:], upper=True
@@ -151,18 +163,13 @@ def quantize_linear(
     whitened = whiten_weight(weight.float(), whitening)
     rms = whitened.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
     if gram is None:
-        signs = encode(slice_rows(whitened / rms, cfg.d), matrix)
-        codes = signs > 0 if signs.dtype != torch.bool else signs
+        metric = None
+        codes = _as_codes(encode(slice_rows(whitened / rms, cfg.d), matrix))
     else:
         hessian = whitened_hessian(gram, whitening)
+        metric = hessian.float()
         codes = ldlq_encode(whitened / rms, hessian, matrix, encode)
     approx = ((codes.float() * 2 - 1) @ matrix.T).reshape(weight.shape[0], -1)
     approx = approx[:, : weight.shape[1]]
-    if gram is None:
-        scale = row_scales(whitened, approx)
-    else:
-        metric = hessian.float()
-        scale = ((whitened @ metric) * approx).sum(1) / (
-            ((approx @ metric) * approx).sum(1).clamp_min(1e-12)
-        )
+    scale = row_scales(whitened, approx, metric)
     return QuantizedLinear(cfg, weight.shape[1], codes, scale.float(), whitening, matrix.float())
