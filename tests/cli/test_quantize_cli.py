@@ -175,3 +175,55 @@ def test_a_mixed_recipe_for_another_model_is_refused(cli, tmp_path, tiny_llama):
     result = cli("quantize", str(tiny_llama), "--recipe", recipe, "--out", str(out))
     assert_one_line_error(result, "layer 5")
     assert not out.exists() and not (tmp_path / ".q.work").exists()
+
+
+@pytest.mark.slow
+def test_finetuning_lands_in_both_files_and_a_rerun_reuses_every_stage(cli, tmp_path, tiny_llama):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    out, work = tmp_path / "q", tmp_path / "work"
+    args = ["quantize", str(tiny_llama), "--config", "LQ-24/10", "--json", "--work-dir", str(work)]
+    args += ["--calib", str(calibration_text(tmp_path)), "--nsamples", "4", "--seqlen", "32"]
+    args += ["--whiten-steps", "0", "--correction-steps", "1"]
+    result = cli(*args, "--out", str(out), "--finetune-steps", "3", "--finetune-lr", "0.01")
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [e["event"] for e in events] == ["block"] * 2 + ["finetune"] * 3 + ["done"]
+    report = events[-1]["finetune"]
+    assert report["kept"] and report["kl_after"] < report["kl_before"]
+    tuned = load_file(work / "finetune.safetensors")
+    weights = load_file(out / "model.safetensors")
+    codes = load_file(out / "liftq_codes.safetensors")
+    norm = "model.layers.1.post_attention_layernorm.weight"
+    assert torch.equal(weights[norm], tuned[norm]) and not torch.equal(tuned[norm], torch.ones(64))
+    scale = "model.layers.0.mlp.up_proj.scale"
+    assert torch.equal(codes[scale], tuned[scale])
+    assert json.loads((out / "liftq.json").read_text())["finetune"]["kept"] is True
+    # the same job again: blocks and fine-tuning come from the work dir, output byte-identical
+    tuning = ["--finetune-steps", "3", "--finetune-lr", "0.01"]
+    again = cli(*args, "--out", str(tmp_path / "q2"), *tuning)
+    assert again.exit_code == 0, again.output
+    assert [json.loads(x)["event"] for x in again.stdout.strip().splitlines()] == ["done"]
+    for name in ("model.safetensors", "liftq_codes.safetensors"):
+        assert (out / name).read_bytes() == (tmp_path / "q2" / name).read_bytes()
+    # fine-tuning settings are not part of the block fingerprint: only that stage re-runs
+    other = cli(*args, "--out", str(tmp_path / "q3"), "--finetune-steps", "2")
+    assert other.exit_code == 0, other.output
+    kinds = [json.loads(x)["event"] for x in other.stdout.strip().splitlines()]
+    assert kinds == ["finetune"] * 2 + ["done"]
+    packed = cli("pack", str(out), "--out", str(tmp_path / "packed"), "--json")
+    assert packed.exit_code == 0, packed.output
+    stored = load_file(tmp_path / "packed" / "model.safetensors")  # the tuned norm travels on
+    torch.testing.assert_close(stored[norm].float(), tuned[norm], atol=1e-3, rtol=1e-3)
+
+
+def test_a_finetuning_text_too_short_fails_before_any_work(cli, tmp_path, tiny_llama):
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama), "--config", "LQ-24/10", "--out", str(out)]
+    args += ["--calib", str(calibration_text(tmp_path)), "--nsamples", "2", "--seqlen", "32"]
+    result = cli(*args, "--finetune-steps", "100")
+    assert_one_line_error(result, "fewer than (--finetune-steps 100 x 4 + 8 held out)")
+    assert not out.exists() and not (tmp_path / ".q.work").exists()

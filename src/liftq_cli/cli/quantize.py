@@ -11,6 +11,7 @@ from liftq_cli.cli._common import console, handle_errors, interactive, progress_
 from liftq_cli.errors import BadInputError
 from liftq_cli.quant.block_correction import CorrectionConfig
 from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.quant.finetune import FinetuneConfig
 from liftq_cli.quant.pipeline import QuantizeOptions
 from liftq_cli.quant.run import config_for_bits, quantize
 
@@ -36,6 +37,16 @@ def quantize_command(
     ),
     ldlq: bool = typer.Option(
         True, "--ldlq/--no-ldlq", help="Encode with Hessian error feedback (LDLQ)."
+    ),
+    finetune_steps: int = typer.Option(
+        0,
+        "--finetune-steps",
+        help="Model-level KD fine-tuning steps after the blocks (0: off; holds the whole "
+        "model twice in memory).",
+    ),
+    finetune_lr: float = typer.Option(1e-3, "--finetune-lr", help="Peak fine-tuning rate."),
+    finetune_calib: str | None = typer.Option(
+        None, "--finetune-calib", help="Fine-tuning text: wiki or a file (default: --calib)."
     ),
     as_json: bool = typer.Option(False, "--json", help="JSON-lines progress and a JSON summary."),
 ) -> None:
@@ -68,13 +79,22 @@ def quantize_command(
         ldlq=ldlq,
         correction=CorrectionConfig(steps=correction_steps),
     )
+    tuning = FinetuneConfig(steps=finetune_steps, lr=finetune_lr, seed=seed)
     bar = interactive() and not as_json
     with progress_bar(bar) as update:
 
         def report(event: dict) -> None:
             if as_json:
                 print(json.dumps(event), flush=True)
-            elif not bar:  # a log (CI, pipe): one plain line per block instead of a bar
+            if event["event"] == "finetune":
+                if not as_json and not bar and event["step"] in (1, event["steps"]):
+                    console.print(
+                        f"fine-tune step {event['step']}/{event['steps']}: KL {event['kl']:.4g}",
+                        highlight=False,
+                    )
+                update("fine-tune", event["step"], event["steps"])
+                return
+            if not as_json and not bar:  # a log (CI, pipe): a plain line per block, no bar
                 console.print(
                     f"block {event['layer'] + 1}/{event['layers']}: output MSE "
                     f"{event['mse_before']:.4g} -> {event['mse_after']:.4g}, "
@@ -95,6 +115,8 @@ def quantize_command(
             recipe_text,
             report,
             layers=overrides,
+            finetune=tuning,
+            finetune_calib=finetune_calib,
         )
     if as_json:  # JSON lines throughout: the summary is the last line
         print(json.dumps({"event": "done", **summary}, default=str), flush=True)
@@ -105,6 +127,13 @@ def quantize_command(
         f"{summary['layers']} blocks in {summary['seconds']:.0f} s -> {summary['out']}",
         highlight=False,
     )
+    if summary["finetune"]:
+        tuned = summary["finetune"]
+        verdict = "kept" if tuned["kept"] else "not kept (no gain)"
+        console.print(
+            f"fine-tuned: KL {tuned['kl_before']:.4g} -> {tuned['kl_after']:.4g}, {verdict}",
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from liftq_cli.io.weights import WeightReader
 from liftq_cli.quant.configs import LatticeConfig
 from liftq_cli.quant.layerwise import QuantizedLinear
 from liftq_cli.quant.pipeline import load_block_quant
+from liftq_cli.quant.whitening import Whitening
 
 QUANT_FORMAT_VERSION = 1
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -59,6 +61,15 @@ def _block_layout(work_dir: Path, layer: int) -> tuple[list[TensorSpec], dict[st
     return specs, configs
 
 
+def _retuned(quant: QuantizedLinear, name: str, tuned: dict[str, torch.Tensor]) -> QuantizedLinear:
+    """`quant` with the fine-tuned scale and whitening scales of linear `name`, if any."""
+    if f"{name}.scale" not in tuned:
+        return quant
+    wh = quant.whitening
+    whitening = Whitening(tuned[f"{name}.s1"], wh.p1, wh.p2, tuned[f"{name}.s2"])
+    return replace(quant, scale=tuned[f"{name}.scale"], whitening=whitening)
+
+
 def write_quantized(
     source: Path,
     work_dir: Path,
@@ -66,12 +77,16 @@ def write_quantized(
     num_layers: int,
     matrices: Callable[[LatticeConfig], torch.Tensor],
     metadata: dict,
+    tuned: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Assemble `out` atomically from the source folder and the finished work dir.
 
+    tuned: tensors that model-level fine-tuning changed, by checkpoint name (a linear's
+    `.scale`, `.s1`, `.s2` and norm weights); they replace the block-stage / source values.
     Streams: tensors are produced and written one at a time (one block's quantised linears
     in memory at most), so peak memory does not grow with the layer count.
     """
+    tuned = tuned or {}
     reader = WeightReader(source)
     code_specs: list[TensorSpec] = []
     configs: dict[str, str] = {}
@@ -99,12 +114,15 @@ def write_quantized(
     def block(layer: int) -> dict[str, QuantizedLinear]:
         if layer not in cached:
             cached.clear()  # keep one block in memory
-            cached[layer] = load_block_quant(work_dir, layer, matrices)
+            cached[layer] = {
+                name: _retuned(quant, f"model.layers.{layer}.{name}", tuned)
+                for name, quant in load_block_quant(work_dir, layer, matrices).items()
+            }
         return cached[layer]
 
     def produce_weight(spec: TensorSpec) -> torch.Tensor:
         if spec.name not in quant_shapes:
-            return reader.get(spec.name).float()
+            return tuned[spec.name] if spec.name in tuned else reader.get(spec.name).float()
         layer = _layer_of(spec.name)
         local = spec.name[len(f"model.layers.{layer}.") : -len(".weight")]
         return block(layer)[local].dequantize().contiguous()
@@ -114,6 +132,8 @@ def write_quantized(
     def produce_code(spec: TensorSpec) -> torch.Tensor:
         if spec.name.startswith("lattice."):
             return matrices(used[spec.name[len("lattice.") :]]).float().contiguous()
+        if spec.name in tuned:
+            return tuned[spec.name]
         layer = _layer_of(spec.name)
         if layer not in block_state:
             block_state.clear()

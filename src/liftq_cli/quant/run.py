@@ -1,4 +1,5 @@
-"""`liftq quantize` as one library call: resolve inputs, quantise block by block, write out."""
+"""`liftq quantize` as one library call: resolve inputs, quantise block by block, optionally
+fine-tune the whole model (quant/finetune.py), write out."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from liftq_cli.data.calibration import calibration_set
+import torch
+
+from liftq_cli.data.calibration import Calibration, calibration_set, tokenize
 from liftq_cli.data.text import load_text
 from liftq_cli.errors import BadInputError
-from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve
+from liftq_cli.io.checkpoints import load_tokenizer, materialize, quiet_transformers, resolve
 from liftq_cli.io.quantized import write_quantized
 from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
+from liftq_cli.quant.finetune import FinetuneConfig, attach, finetune, tuned_tensors
 from liftq_cli.quant.pipeline import (
     QuantizeOptions,
     build_skeleton,
@@ -68,16 +72,23 @@ def quantize(
     recipe_text: str | None = None,
     progress: Callable[[dict], None] | None = None,
     layers: dict[int, dict[str, LatticeConfig]] | None = None,
+    finetune: FinetuneConfig | None = None,
+    finetune_calib: str | None = None,
 ) -> dict:
     """Quantise `model` with lattice `config` into `out`; returns a JSON-ready summary.
 
     layers: per-linear overrides of a mixed recipe, {layer: {kind: config}} (kind: q_proj,
     ..., down_proj); every other linear uses `config`.
+    finetune: the optional model-level stage after the blocks (quant/finetune.py); its
+    settings are not part of the block stage's fingerprint, so a finished block stage is
+    reused when only they change. finetune_calib: its text (default: `calib`), from which
+    steps x batch + eval_windows fresh windows are drawn (seed + 1).
     """
     from liftq_cli.quant.lattice import encode
     from liftq_cli.quant.lattice_catalog import load_catalog_matrix
 
     options = options or QuantizeOptions()
+    finetune = finetune or FinetuneConfig()
     layers = layers or {}
     check_writable(out)
     for cfg in {config, *(c for kinds in layers.values() for c in kinds.values())}:
@@ -92,7 +103,12 @@ def quantize(
 
     bits = average_bits(shapes, config_for)
     text = load_text(calib)
-    calibration = calibration_set(text, load_tokenizer(folder), nsamples, seqlen, options.seed)
+    tokenizer = load_tokenizer(folder)
+    calibration = calibration_set(text, tokenizer, nsamples, seqlen, options.seed)
+    tuning = None
+    if finetune.steps:  # checked before the block stage: a short text fails fast
+        tuning_text = load_text(finetune_calib) if finetune_calib else text
+        tuning = finetune_windows(tuning_text, tokenizer, seqlen, finetune)
     work_dir = work_dir or out.with_name(f".{out.name}.work")
     settings = {
         "model": str(folder),
@@ -118,6 +134,15 @@ def quantize(
         settings,
         progress,
     )
+    tuned, tuned_report = None, None
+    if tuning is not None:
+        tuned, tuned_report = finetune_stage(folder, work_dir, tuning, finetune, progress)
+        tuned_report["calibration"] = {
+            "source": finetune_calib or calib,
+            "windows": int(tuning.input_ids.shape[0]),
+            "seed": tuning.seed,
+            "fingerprint": tuning.fingerprint,
+        }
     metadata = {
         "model": model,
         "lattice": config.name,
@@ -130,12 +155,13 @@ def quantize(
             "seed": options.seed,
             "fingerprint": calibration.fingerprint,
         },
-        "options": asdict(options),
+        "options": {**asdict(options), "finetune": asdict(finetune)},
         "recipe": recipe_text,
         "blocks": [asdict(r) for r in reports],
+        "finetune": tuned_report,
     }
     files = write_quantized(
-        folder, work_dir, out, hf_config.num_hidden_layers, load_catalog_matrix, metadata
+        folder, work_dir, out, hf_config.num_hidden_layers, load_catalog_matrix, metadata, tuned
     )
     return {
         "model": model,
@@ -148,7 +174,80 @@ def quantize(
         "files": files,
         "work_dir": str(work_dir),
         "blocks": json.loads(json.dumps([asdict(r) for r in reports])),
+        "finetune": tuned_report,
     }
+
+
+def finetune_windows(text, tokenizer, seqlen: int, config: FinetuneConfig) -> Calibration:
+    """steps x batch training windows then eval_windows held-out ones, disjoint, drawn with
+    seed + 1 from `text` (refused when it is too short to give every step fresh windows)."""
+    need = config.steps * config.batch + config.eval_windows
+    tokens = tokenize(tokenizer, text.text).numel()
+    if tokens // seqlen < need:
+        raise BadInputError(
+            f"fine-tuning text '{text.origin}' has {tokens} tokens, fewer than (--finetune-steps "
+            f"{config.steps} x {config.batch} + {config.eval_windows} held out) x --seqlen "
+            f"{seqlen} = {need * seqlen}: pass a longer --finetune-calib or fewer steps"
+        )
+    return calibration_set(text, tokenizer, need, seqlen, config.seed + 1)
+
+
+def finetune_stage(
+    folder: Path,
+    work_dir: Path,
+    windows: Calibration,
+    config: FinetuneConfig,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[dict, dict]:
+    """Run (or reuse from `work_dir`) model-level fine-tuning over the finished blocks.
+
+    Returns the tuned tensors by checkpoint name and a JSON-ready report. The result is saved
+    as work_dir/finetune.safetensors under a fingerprint of the block job and `config`, so a
+    resume after it finished skips it; an interrupted one starts over (it is deterministic).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from liftq_cli.io.atomic import atomic_file
+    from liftq_cli.quant.lattice_catalog import load_catalog_matrix
+    from liftq_cli.quant.pipeline import job_fingerprint, load_block_quant
+
+    job = json.loads((work_dir / "job.json").read_text())["fingerprint"]
+    fingerprint = job_fingerprint(
+        {"job": job, "finetune": asdict(config), "windows": windows.fingerprint}
+    )
+    path = work_dir / "finetune.safetensors"
+    if path.is_file():
+        with safe_open(path, framework="pt") as handle:
+            meta = handle.metadata()
+        if meta.get("fingerprint") == fingerprint:
+            return load_file(path), json.loads(meta["report"])
+    with quiet_transformers():
+        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    quantized = {
+        f"model.layers.{layer}.{name}": quant
+        for layer in range(student.config.num_hidden_layers)
+        for name, quant in load_block_quant(work_dir, layer, load_catalog_matrix).items()
+    }
+    tuned = attach(student, quantized)
+
+    def step(done: int, total: int, loss: float) -> None:
+        if progress is not None:
+            progress({"event": "finetune", "step": done, "steps": total, "kl": loss})
+
+    train = windows.input_ids[: config.steps * config.batch]
+    probe = windows.input_ids[config.steps * config.batch :]
+    result = finetune(student, teacher, tuned, train, probe, config, step)
+    tensors = tuned_tensors(student, tuned)
+    report = {k: v for k, v in asdict(result).items() if k != "losses"}
+    report["kl_first_last"] = [result.losses[0], result.losses[-1]] if result.losses else []
+    with atomic_file(path) as tmp:
+        save_file(
+            tensors, str(tmp), metadata={"fingerprint": fingerprint, "report": json.dumps(report)}
+        )
+    return tensors, report
 
 
 def linear_shapes(skeleton) -> dict[tuple[int, str], tuple[int, int]]:
