@@ -55,6 +55,7 @@ RESULTS = ROOT / "bench" / "results"
 CHILD = ROOT / "bench" / "quality_peers.py"
 CHILD_CODE = (CHILD, ROOT / "bench" / "quality_rtn.py")
 CHILD_TIMEOUT_S = 3 * 3600
+FINETUNE_STEPS = 48  # liftq -ft rows: 3 passes over the 64 calibration windows, 4 per step
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 
@@ -70,6 +71,7 @@ class Spec:
     group: int = 0
     ftype: str = ""
     target_bits: float = 0.0  # liftq rows: the requested fractional bit-width
+    finetune_steps: int = 0  # liftq -ft rows: `--finetune-steps` (block stage shared)
 
 
 def all_specs() -> list[Spec]:
@@ -87,6 +89,17 @@ def all_specs() -> list[Spec]:
         specs.append(Spec(f"llamacpp-{ftype}", "llamacpp", setting, "peers", ftype=ftype))
     for bits in (2.0, 2.4, 2.5, 3.0):
         specs.append(Spec(f"liftq-{bits:.1f}", "liftq", f"{bits:.1f} bits", target_bits=bits))
+    for bits in (2.0, 2.4, 2.5, 3.0):
+        setting = f"{bits:.1f} bits + {FINETUNE_STEPS}-step fine-tuning"
+        specs.append(
+            Spec(
+                f"liftq-{bits:.1f}-ft",
+                "liftq",
+                setting,
+                target_bits=bits,
+                finetune_steps=FINETUNE_STEPS,
+            )
+        )
     return specs
 
 
@@ -111,6 +124,7 @@ class Inputs:
     eval_ids: dict[str, torch.Tensor]
     calib_pt: Path
     calib_txt: Path
+    tuning_txt: Path  # `wiki` past the evaluation prefix: the -ft rows' fine-tuning text
     calib_fingerprint: str
     seqlen: int
     seed: int
@@ -133,8 +147,19 @@ def prepare(args: argparse.Namespace) -> Inputs:
     if not calib_pt.is_file():
         torch.save(windows, calib_pt)
         calib_txt.write_text("\n\n".join(tokenizer.decode(w) for w in windows.tolist()))
+    tuning_txt = WORK / f"wiki-after-{CALIB_OFFSET}.txt"
+    if not tuning_txt.is_file():
+        tuning_txt.write_text(tokenizer.decode(texts["wiki"][CALIB_OFFSET:].tolist()))
     return Inputs(
-        folder, tokenizer, eval_ids, calib_pt, calib_txt, fingerprint, args.seqlen, args.seed
+        folder,
+        tokenizer,
+        eval_ids,
+        calib_pt,
+        calib_txt,
+        tuning_txt,
+        fingerprint,
+        args.seqlen,
+        args.seed,
     )
 
 
@@ -177,7 +202,9 @@ def quantize(spec: Spec, inputs: Inputs, row: Row) -> Path | None:
         )
         return None
     settings = {
-        "spec": spec.__dict__,
+        # finetune_steps is liftq-only and came after these rows were keyed: left out, so
+        # adding it did not re-run every peer
+        "spec": {k: v for k, v in spec.__dict__.items() if k != "finetune_steps"},
         "model": str(inputs.folder),
         "calib": inputs.calib_fingerprint,
         "seed": inputs.seed,
@@ -370,6 +397,9 @@ def header(args: argparse.Namespace, inputs: Inputs, started: float) -> list[str
         f"- Calibration: {args.nsamples} x {args.seqlen} tokens of `wiki` (seed {args.seed}), "
         f"drawn after its first {CALIB_OFFSET} tokens, so disjoint from the `wiki` evaluation "
         f"prefix (`wiki` ppl is still in-domain for calibrated methods). RTN and HQQ use none.",
+        f"- liftq -ft rows: the plain row's job plus `--finetune-steps {FINETUNE_STEPS}`, "
+        f"fine-tuning on {FINETUNE_STEPS * 4} + 8 held-out fresh {args.seqlen}-token windows "
+        f"of `wiki` after its first {CALIB_OFFSET} tokens (never the evaluation prefix).",
         "- bits/w: storage bits of the quantized decoder linears (q/k/v/o/gate/up/down) divided "
         "by their weights, codes + scales + zeros + packing padding. total MB: those linears "
         "plus every other tensor (embeddings, tied lm_head, norms) at 16 bits; fp at fp32.",
@@ -400,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     specs = select(all_specs(), args.rows)
     inputs = prepare(args)
+    args.tuning_txt = inputs.tuning_txt
     evaluator = Evaluator(inputs)
     rows: list[Row] = []
     for spec in specs:

@@ -94,12 +94,26 @@ def calibration_mismatch(info: dict, calib_txt: Path, nsamples: int, seqlen: int
     )
 
 
+def block_work_dir(spec, out: Path) -> Path:
+    """The `--work-dir` of a row: a -ft row shares the block stage of its plain row."""
+    return out.with_name(f".liftq-{spec.target_bits:.1f}.work")
+
+
 def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[str]:
     return [
         str(liftq), "quantize", args.model, "--out", str(out), "--bits", f"{spec.target_bits}",
         "--calib", str(calib_txt), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-        "--seed", str(args.seed), "--json",
-    ]  # fmt: skip
+        "--seed", str(args.seed), "--json", "--work-dir", str(block_work_dir(spec, out)),
+    ] + tuning_flags(spec, args)  # fmt: skip
+
+
+def tuning_flags(spec, args) -> list[str]:
+    """A -ft row's fine-tuning: its steps on `wiki` past the evaluation prefix (args.tuning_txt;
+    the 64 calibration windows are too few to give every step fresh ones)."""
+    steps = getattr(spec, "finetune_steps", 0)
+    if not steps:
+        return []
+    return ["--finetune-steps", str(steps), "--finetune-calib", str(args.tuning_txt)]
 
 
 def prepare_liftq_row(
@@ -152,7 +166,17 @@ def prepare_liftq_row(
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     fresh = run_file.is_file() and run_file.stat().st_mtime >= (out / "liftq.json").stat().st_mtime
     timed = gnu_time(work / f"{spec.id}.time.txt")
-    if run.get("exit") == 0 and fresh:  # made by this bench: the whole CLI call was timed
+    resumed = run.get("exit") == 0 and fresh and row.quant_seconds is not None
+    resumed = resumed and run["wall_s"] < row.quant_seconds  # blocks came from the work dir
+    if resumed:  # a -ft row whose block stage its plain row ran: add that stage's time
+        row.quant_seconds += run["wall_s"]
+        row.child_seconds, row.peak_rss_mb = run["wall_s"], run["peak_rss_mb"]
+        row.bits_rule += (
+            f"; block stage resumed from {block_work_dir(spec, out).name} (run by the plain "
+            f"row): quant s = its block times + this run ({run['wall_s']:.0f} s), peak RSS "
+            "of this run (fine-tuning holds both models)"
+        )
+    elif run.get("exit") == 0 and fresh:  # made by this bench: the whole CLI call was timed
         row.quant_seconds, row.child_seconds = run["wall_s"], run["wall_s"]
         row.peak_rss_mb = run["peak_rss_mb"]
     elif timed is not None:  # run by hand under `/usr/bin/time -v` (README's command)
