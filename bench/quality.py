@@ -55,7 +55,7 @@ RESULTS = ROOT / "bench" / "results"
 CHILD = ROOT / "bench" / "quality_peers.py"
 CHILD_CODE = (CHILD, ROOT / "bench" / "quality_rtn.py")
 CHILD_TIMEOUT_S = 3 * 3600
-FINETUNE_STEPS = 48  # liftq -ft rows: 3 passes over the 64 calibration windows, 4 per step
+FINETUNE_STEPS = 48  # liftq -ft rows: 4 fresh windows per step (FinetuneConfig.batch)
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 from tests.quant.test_layerwise import brute_force_encode, tiny_matrix
-from transformers import LlamaConfig, LlamaForCausalLM
+from tests.quant.tiny_job import tiny_config
+from transformers import LlamaForCausalLM
 
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.quantized import _retuned
@@ -25,15 +26,7 @@ CFG = LatticeConfig(8, 4)
 def tiny_pair(seed: int = 0):
     """(teacher, student with every decoder linear quantised at 2 bits, quantised linears)."""
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = tiny_config(layers=2)
     teacher = LlamaForCausalLM(config).eval()
     student = LlamaForCausalLM(config).eval()
     student.load_state_dict(teacher.state_dict())

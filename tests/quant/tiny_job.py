@@ -20,9 +20,8 @@ OPTIONS = QuantizeOptions(whiten_steps=5, correction=CorrectionConfig(steps=10, 
 FAST = QuantizeOptions(whiten_steps=0, correction=CorrectionConfig(steps=1, batch=2))
 
 
-def make_model(folder: Path, layers: int, hidden: int = 32) -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(
+def tiny_config(layers: int, hidden: int = 32) -> LlamaConfig:
+    return LlamaConfig(
         vocab_size=64,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -31,7 +30,11 @@ def make_model(folder: Path, layers: int, hidden: int = 32) -> None:
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def make_model(folder: Path, layers: int, hidden: int = 32) -> None:
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config(layers, hidden)).save_pretrained(folder)
 
 
 def run_job(
