@@ -119,9 +119,9 @@ def test_mixed_with_sensitivity_file(cli, tmp_path):
             "--json",
         )
     )
-    assert data["configs"]["layers.3.down_proj"] == "LQ-32/10"
+    assert data["configs"]["layers.3.down_proj"] == "LQ-32/8"  # the top rung, 4.0 bits
     recipe = load(target)
-    assert recipe.config_for(3, "down_proj").name == "LQ-32/10"
+    assert recipe.config_for(3, "down_proj").name == "LQ-32/8"
     assert "sens.json" in data["assumptions"]["solver"]
 
 

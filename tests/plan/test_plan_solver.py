@@ -37,8 +37,9 @@ def llama8():
 def test_ladder_has_one_config_per_bit_level():
     ladder = catalog_ladder()
     bits = [cfg.bits for cfg in ladder]
-    assert bits == sorted(set(bits)) and bits[0] == 1.6 and bits[-1] == 3.2
-    assert len(ladder) == len({round(cfg.bits, 9) for cfg in CATALOG_CONFIGS}) == 18
+    assert bits == sorted(set(bits)) and bits[0] == 1.6 and bits[-1] == 4.0
+    assert len(ladder) == len({round(cfg.bits, 9) for cfg in CATALOG_CONFIGS}) == 22
+    assert [c.name for c in ladder if c.bits > 3.2] == ["LQ-26/8", "LQ-28/8", "LQ-30/8", "LQ-32/8"]
     assert [c.name for c in ladder if c.bits in (2.0, 2.5, 3.0)] == [
         "LQ-32/16",
         "LQ-25/10",
@@ -101,7 +102,7 @@ def test_more_vram_never_fewer_bits(llama8):
         plan_uniform(llama8, int(gb * 1e9), DEFAULTS).bits
         for gb in [3.5 + 0.25 * i for i in range(24)]
     ]
-    assert bits == sorted(bits) and bits[0] == 1.6 and bits[-1] == 3.2
+    assert bits == sorted(bits) and bits[0] == 1.6 and bits[-1] == 4.0
 
 
 def test_longer_context_never_more_bits(llama70):
@@ -143,7 +144,8 @@ def test_mixed_prior_gives_edges_and_sensitive_kinds_more_bits(llama70):
 def test_mixed_follows_a_sensitivity_file(llama8):
     weights = parse_sensitivity(llama8, {"layers": {5: 100.0}, "kinds": {"q_proj": 0.01}})
     mixed = plan_mixed(llama8, 4_200_000_000, DEFAULTS, weights)
-    assert all(mixed.assignment[f"layers.5.{k}"].bits == 3.2 for k in ("up_proj", "down_proj"))
+    # the heavily weighted layer gets the top rung of the ladder (LQ-32/8, 4.0 bits)
+    assert all(mixed.assignment[f"layers.5.{k}"].bits == 4.0 for k in ("up_proj", "down_proj"))
     assert mixed.assignment["layers.9.q_proj"].bits == 1.6
     assert mixed.total_bytes <= 4_200_000_000 and mixed.headroom_bytes < 42_000_000
 

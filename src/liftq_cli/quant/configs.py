@@ -53,9 +53,12 @@ class LatticeConfig:
 
 
 def _catalog() -> tuple[LatticeConfig, ...]:
-    # d = 10 gives every 0.1-bit step from 1.6 to 3.2 bits; the paper's named configs are added.
+    # d = 10 gives every 0.1-bit step from 1.6 to 3.2 bits; the paper's named configs are added,
+    # and d = 8 carries the ladder on to 4.0 bits in quarter steps (D <= 32), for the linears
+    # that a sensitivity-aware allocation upgrades (quant/allocation.py).
     pairs = {(D, 10) for D in range(16, 33)}
     pairs |= {(16, 8), (32, 16), (30, 14), (24, 10), (20, 8), (25, 10), (24, 8), (32, 20)}
+    pairs |= {(26, 8), (28, 8), (30, 8), (32, 8)}
     return tuple(sorted((LatticeConfig(D, d) for D, d in pairs), key=lambda c: (c.bits, -c.d)))
 
 
