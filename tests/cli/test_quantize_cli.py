@@ -227,3 +227,49 @@ def test_a_finetuning_text_too_short_fails_before_any_work(cli, tmp_path, tiny_l
     result = cli(*args, "--finetune-steps", "100")
     assert_one_line_error(result, "fewer than (--finetune-steps 100 x 4 + 8 held out)")
     assert not out.exists() and not (tmp_path / ".q.work").exists()
+
+
+@pytest.mark.slow
+def test_mixed_spreads_the_bits_by_sensitivity_and_a_rerun_reuses_them(cli, tmp_path, tiny_llama):
+    import json
+
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama), "--bits", "3.0", "--mixed", "--out", str(out), "--json"]
+    args += ["--calib", str(calibration_text(tmp_path)), "--nsamples", "2", "--seqlen", "32"]
+    args += ["--whiten-steps", "0", "--correction-steps", "1"]
+    result = cli(*args)
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [e["event"] for e in events] == ["sensitivity", "block", "block", "done"]
+    info = json.loads((out / "liftq.json").read_text())
+    allocation = info["allocation"]
+    assert allocation["method"] == "fisher" and allocation["target_bits"] == 3.0
+    assert allocation["code_bits"] <= 3.0 and allocation["predicted_vs_uniform"] < 1.0
+    configs = [LatticeConfig.parse(c) for c in info["layers"].values()]
+    assert len(configs) == 14 and len(set(configs)) > 1
+    assert sum(allocation["configs"].values()) == 14
+    assert info["mixed"] is True and info["bits"] <= 3.0 + 1e-9
+    kappa = json.loads((tmp_path / ".q.work" / "sensitivity.json").read_text())["kappa"]
+    assert len(kappa) == 14 and all(v > 0 for v in kappa.values())
+    # the most sensitive linear per weight gets at least the bits of the least sensitive one
+    sizes = {"q": 64 * 64, "k": 32 * 64, "v": 32 * 64, "o": 64 * 64}
+    per_weight = {k: v / sizes.get(k.split(".")[1][0], 64 * 128) for k, v in kappa.items()}
+    bits = {
+        f"{name.split('.')[2]}.{name.rpartition('.')[2]}": LatticeConfig.parse(c).bits
+        for name, c in info["layers"].items()
+    }
+    ranked = sorted(per_weight, key=per_weight.get)
+    assert bits[ranked[-1]] >= bits[ranked[0]] and bits[ranked[-1]] > 3.0
+    before = (out / "liftq_codes.safetensors").read_bytes()
+    again = cli(*args)
+    assert again.exit_code == 0, again.output
+    assert [json.loads(x)["event"] for x in again.stdout.strip().splitlines()] == ["done"]
+    assert (out / "liftq_codes.safetensors").read_bytes() == before
+
+
+def test_mixed_with_a_mixed_recipe_is_refused(cli, tmp_path, tiny_llama):
+    out = tmp_path / "q"
+    recipe = mixed_recipe(tmp_path, {1: {"down_proj": "LQ-30/10"}})
+    result = cli("quantize", str(tiny_llama), "--recipe", recipe, "--mixed", "--out", str(out))
+    assert_one_line_error(result, "--mixed")
+    assert not out.exists() and not (tmp_path / ".q.work").exists()

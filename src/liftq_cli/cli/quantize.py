@@ -48,6 +48,12 @@ def quantize_command(
     finetune_calib: str | None = typer.Option(
         None, "--finetune-calib", help="Fine-tuning text: wiki or a file (default: --calib)."
     ),
+    mixed: bool = typer.Option(
+        False,
+        "--mixed",
+        help="Same average bits, spread over the linears by measured sensitivity (one Fisher "
+        "pass of the whole model first).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="JSON-lines progress and a JSON summary."),
 ) -> None:
     """Quantise every linear of the decoder blocks, block by block, resumably."""
@@ -86,6 +92,13 @@ def quantize_command(
         def report(event: dict) -> None:
             if as_json:
                 print(json.dumps(event), flush=True)
+            if event["event"] == "sensitivity":
+                if not as_json and not bar and event["step"] == event["steps"]:
+                    console.print(
+                        f"sensitivity measured ({event['steps']} batches)", highlight=False
+                    )
+                update("sensitivity", event["step"], event["steps"])
+                return
             if event["event"] == "finetune":
                 if not as_json and not bar and event["step"] in (1, event["steps"]):
                     console.print(
@@ -117,11 +130,16 @@ def quantize_command(
             layers=overrides,
             finetune=tuning,
             finetune_calib=finetune_calib,
+            mixed=mixed,
         )
     if as_json:  # JSON lines throughout: the summary is the last line
         print(json.dumps({"event": "done", **summary}, default=str), flush=True)
         return
-    at = f"{summary['config']} + per-layer overrides" if summary["mixed"] else summary["config"]
+    at = summary["config"]
+    if summary["allocation"]:
+        at = f"{len(summary['allocation']['configs'])} lattice configs chosen by sensitivity"
+    elif summary["mixed"]:
+        at = f"{at} + per-layer overrides"
     console.print(
         f"quantised {model} at {at} ({summary['bits']:.{3 if summary['mixed'] else 2}f} bits): "
         f"{summary['layers']} blocks in {summary['seconds']:.0f} s -> {summary['out']}",

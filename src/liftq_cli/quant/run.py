@@ -18,6 +18,7 @@ from liftq_cli.data.text import load_text
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, quiet_transformers, resolve
 from liftq_cli.io.quantized import write_quantized
+from liftq_cli.io.weights import WeightReader
 from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.quant.finetune import FinetuneConfig, attach, finetune, tuned_tensors
 from liftq_cli.quant.pipeline import (
@@ -28,6 +29,8 @@ from liftq_cli.quant.pipeline import (
 )
 
 BITS_TOLERANCE = 0.05
+SENSITIVITY_WINDOWS = 32  # calibration windows for the Fisher pass of --mixed
+SENSITIVITY_VERSION = 1
 
 
 def config_for_bits(bits: float) -> LatticeConfig:
@@ -40,8 +43,9 @@ def config_for_bits(bits: float) -> LatticeConfig:
     if abs(best.bits - bits) > BITS_TOLERANCE:
         low, high = CATALOG_CONFIGS[0].bits, CATALOG_CONFIGS[-1].bits
         raise BadInputError(
-            f"--bits {bits} is outside the lattice catalog ({low:.1f} to {high:.1f} bits in 0.1 "
-            f"steps): pick a value in that range or pass --config LQ-D/d"
+            f"--bits {bits} has no lattice config within {BITS_TOLERANCE} bits (the catalog spans "
+            f"{low:.1f} to {high:.1f} bits, see `liftq lattice list`): pick one of those or pass "
+            "--config LQ-D/d"
         )
     return best
 
@@ -74,6 +78,7 @@ def quantize(
     layers: dict[int, dict[str, LatticeConfig]] | None = None,
     finetune: FinetuneConfig | None = None,
     finetune_calib: str | None = None,
+    mixed: bool = False,
 ) -> dict:
     """Quantise `model` with lattice `config` into `out`; returns a JSON-ready summary.
 
@@ -83,6 +88,9 @@ def quantize(
     settings are not part of the block stage's fingerprint, so a finished block stage is
     reused when only they change. finetune_calib: its text (default: `calib`), from which
     steps x batch + eval_windows fresh windows are drawn (seed + 1).
+    mixed: spend `config.bits` on average (packed code bits, padding included) but give every
+    linear its own catalog config by measured sensitivity (`allocate_bits`); the choice becomes
+    the job's per-linear overrides, so resume and output work as for a mixed recipe.
     """
     from liftq_cli.quant.lattice import encode
     from liftq_cli.quant.lattice_catalog import load_catalog_matrix
@@ -97,19 +105,27 @@ def quantize(
     hf_config, skeleton = build_skeleton(folder)  # refuses unsupported architectures early
     shapes = linear_shapes(skeleton)
     check_overrides(layers, shapes)
+    if mixed and layers:
+        raise BadInputError(
+            "--mixed chooses every linear's config itself, but the recipe already overrides "
+            f"{sum(len(v) for v in layers.values())} linears: drop --mixed or use a uniform recipe"
+        )
 
     def config_for(layer: int, kind: str) -> LatticeConfig:
         return layers.get(layer, {}).get(kind, config)
 
-    bits = average_bits(shapes, config_for)
     text = load_text(calib)
     tokenizer = load_tokenizer(folder)
     calibration = calibration_set(text, tokenizer, nsamples, seqlen, options.seed)
+    work_dir = work_dir or out.with_name(f".{out.name}.work")
+    allocation = None
+    if mixed:
+        layers, allocation = allocate_bits(folder, shapes, config, calibration, work_dir, progress)
+    bits = average_bits(shapes, config_for)
     tuning = None
     if finetune.steps:  # checked before the block stage: a short text fails fast
         tuning_text = load_text(finetune_calib) if finetune_calib else text
         tuning = finetune_windows(tuning_text, tokenizer, seqlen, finetune)
-    work_dir = work_dir or out.with_name(f".{out.name}.work")
     settings = {
         "model": str(folder),
         "config": (folder / "config.json").read_text(),
@@ -159,6 +175,7 @@ def quantize(
         "recipe": recipe_text,
         "blocks": [asdict(r) for r in reports],
         "finetune": tuned_report,
+        "allocation": allocation,
     }
     files = write_quantized(
         folder, work_dir, out, hf_config.num_hidden_layers, load_catalog_matrix, metadata, tuned
@@ -175,7 +192,94 @@ def quantize(
         "work_dir": str(work_dir),
         "blocks": json.loads(json.dumps([asdict(r) for r in reports])),
         "finetune": tuned_report,
+        "allocation": allocation,
     }
+
+
+def allocate_bits(
+    folder: Path,
+    shapes: dict[tuple[int, str], tuple[int, int]],
+    config: LatticeConfig,
+    calibration: Calibration,
+    work_dir: Path,
+    progress: Callable[[dict], None] | None = None,
+) -> tuple[dict[int, dict[str, LatticeConfig]], dict]:
+    """Per-linear configs averaging `config.bits` (quant/allocation.py), from the Fisher
+    sensitivity of the full-precision model on the first SENSITIVITY_WINDOWS calibration
+    windows (quant/sensitivity.py). The sensitivities are cached in work_dir/sensitivity.json
+    under a fingerprint of the model and the windows, so a resume does not measure again.
+
+    Returns the overrides {layer: {kind: config}} and a JSON-ready report.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from liftq_cli.io.atomic import atomic_file
+    from liftq_cli.quant.allocation import allocate
+    from liftq_cli.quant.lattice_catalog import catalog_manifest
+    from liftq_cli.quant.pipeline import job_fingerprint
+    from liftq_cli.quant.sensitivity import fisher_sensitivity
+
+    windows = calibration.input_ids[:SENSITIVITY_WINDOWS]
+    fingerprint = job_fingerprint(
+        {
+            "weights": WeightReader(folder).fingerprint(),
+            "calibration": calibration.fingerprint,
+            "windows": list(windows.shape),
+            "version": SENSITIVITY_VERSION,
+        }
+    )
+    cache = work_dir / "sensitivity.json"
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    if saved.get("fingerprint") == fingerprint:
+        kappa = {(int(k.split(".")[0]), k.split(".")[1]): v for k, v in saved["kappa"].items()}
+    else:
+        began = time.perf_counter()
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+        def step(done: int, total: int) -> None:
+            if progress is not None:
+                progress({"event": "sensitivity", "step": done, "steps": total})
+
+        kappa = fisher_sensitivity(model, windows, progress=step)
+        del model
+        work_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(cache) as tmp:
+            payload = {
+                "fingerprint": fingerprint,
+                "seconds": round(time.perf_counter() - began, 1),
+                "kappa": {f"{layer}.{kind}": v for (layer, kind), v in sorted(kappa.items())},
+            }
+            tmp.write_text(json.dumps(payload, indent=1))
+    missing = set(shapes) - set(kappa)
+    if missing:
+        raise BadInputError(
+            f"sensitivity in {cache} lacks {len(missing)} linears: delete it to measure again"
+        )
+    mse = {
+        c: e["gaussian_mse"]
+        for e in catalog_manifest()["entries"]
+        for c in CATALOG_CONFIGS
+        if c.name == e["name"]
+    }
+    result = allocate(shapes, {k: kappa[k] for k in shapes}, mse, config.bits, uniform=config)
+    layers: dict[int, dict[str, LatticeConfig]] = {}
+    for (layer, kind), cfg in sorted(result.configs.items()):
+        layers.setdefault(layer, {})[kind] = cfg
+    counts: dict[str, int] = {}
+    for cfg in result.configs.values():
+        counts[cfg.name] = counts.get(cfg.name, 0) + 1
+    report = {
+        "method": "fisher",
+        "target_bits": config.bits,
+        "code_bits": round(result.code_bits, 6),
+        "windows": int(windows.shape[0]),
+        "predicted_vs_uniform": round(result.predicted / result.uniform_predicted, 4)
+        if result.uniform_predicted
+        else None,
+        "configs": dict(sorted(counts.items())),
+    }
+    return layers, report
 
 
 def finetune_windows(text, tokenizer, seqlen: int, config: FinetuneConfig) -> Calibration:
