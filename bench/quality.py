@@ -72,6 +72,7 @@ class Spec:
     ftype: str = ""
     target_bits: float = 0.0  # liftq rows: the requested fractional bit-width
     finetune_steps: int = 0  # liftq -ft rows: `--finetune-steps` (block stage shared)
+    mixed: bool = False  # liftq -mixed rows: `--mixed` (same average bits, spread by sensitivity)
 
 
 def all_specs() -> list[Spec]:
@@ -98,6 +99,19 @@ def all_specs() -> list[Spec]:
                 setting,
                 target_bits=bits,
                 finetune_steps=FINETUNE_STEPS,
+            )
+        )
+    for tuned in (False, True):  # 3.0 bits spread by sensitivity (`liftq quantize --mixed`)
+        steps = FINETUNE_STEPS if tuned else 0
+        setting = "3.0 bits, mixed by sensitivity" + (f" + {steps}-step fine-tuning" * tuned)
+        specs.append(
+            Spec(
+                "liftq-3.0-mixed" + "-ft" * tuned,
+                "liftq",
+                setting,
+                target_bits=3.0,
+                finetune_steps=steps,
+                mixed=True,
             )
         )
     return specs
@@ -204,7 +218,7 @@ def quantize(spec: Spec, inputs: Inputs, row: Row) -> Path | None:
     settings = {
         # finetune_steps is liftq-only and came after these rows were keyed: left out, so
         # adding it did not re-run every peer
-        "spec": {k: v for k, v in spec.__dict__.items() if k != "finetune_steps"},
+        "spec": {k: v for k, v in spec.__dict__.items() if k not in ("finetune_steps", "mixed")},
         "model": str(inputs.folder),
         "calib": inputs.calib_fingerprint,
         "seed": inputs.seed,
@@ -373,6 +387,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument(
+        "--merge",
+        type=Path,
+        help="a quality.json of an earlier run with the same protocol and calibration: rows "
+        "not selected by --rows are taken from it, so the table stays whole",
+    )
+    parser.add_argument(
         "--liftq-reuse-only",
         action="store_true",
         help="liftq rows: use existing bench/work/quality/liftq-B/ folders, never quantize",
@@ -400,6 +420,9 @@ def header(args: argparse.Namespace, inputs: Inputs, started: float) -> list[str
         f"- liftq -ft rows: the plain row's job plus `--finetune-steps {FINETUNE_STEPS}`, "
         f"fine-tuning on {FINETUNE_STEPS * 4} + 8 held-out fresh {args.seqlen}-token windows "
         f"of `wiki` after its first {CALIB_OFFSET} tokens (never the evaluation prefix).",
+        "- liftq -mixed rows: `liftq quantize --bits 3.0 --mixed`: the same 3.0 code bits per "
+        "weight on average (slice padding included), spread over the linears by their Fisher "
+        "sensitivity on the first 32 calibration windows, each linear at its own catalog config.",
         "- bits/w: storage bits of the quantized decoder linears (q/k/v/o/gate/up/down) divided "
         "by their weights, codes + scales + zeros + packing padding. total MB: those linears "
         "plus every other tensor (embeddings, tied lm_head, norms) at 16 bits; fp at fp32.",
@@ -423,6 +446,30 @@ def print_table(rows: list[Row], title: str) -> None:
     for line in cells:
         table.add_row(*line)
     Console(width=200).print(table)
+
+
+def merged_rows(rows: list[Row], args: argparse.Namespace, inputs: Inputs) -> list[Row]:
+    """This run's rows plus the earlier run's others, in `all_specs` order. The earlier rows
+    keep their numbers and say where they came from (`origin`, shown in the status column)."""
+    earlier = json.loads(args.merge.read_text())
+    same = (
+        earlier["protocol"]["max_tokens"] == args.max_tokens
+        and earlier["calibration"]["fingerprint"] == inputs.calib_fingerprint
+    )
+    if not same:
+        raise SystemExit(
+            f"error: --merge {args.merge} was measured with another protocol or calibration "
+            f"(max_tokens {earlier['protocol']['max_tokens']}, calibration "
+            f"{earlier['calibration']['fingerprint']}): re-run those rows instead"
+        )
+    new = {r.id: r for r in rows}
+    old = {}
+    for data in earlier["rows"]:
+        row = Row(**data)
+        row.origin = f"from {args.merge}"
+        old[row.id] = row
+    order = [s.id for s in all_specs()]
+    return [new.get(i) or old[i] for i in order if i in new or i in old]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
             first = (str(exc).strip().splitlines() or [""])[0]
             row.status, row.reason = "failed", f"evaluation: {type(exc).__name__}: {first}"
             print(f"[{spec.id}] {row.reason}", flush=True)
+    if args.merge:
+        rows = merged_rows(rows, args, inputs)
     lines = header(args, inputs, started)
     failures, notes = regressions(rows)
     args.results.mkdir(parents=True, exist_ok=True)

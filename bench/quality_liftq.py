@@ -96,7 +96,8 @@ def calibration_mismatch(info: dict, calib_txt: Path, nsamples: int, seqlen: int
 
 def block_work_dir(spec, out: Path) -> Path:
     """The `--work-dir` of a row: a -ft row shares the block stage of its plain row."""
-    return out.with_name(f".liftq-{spec.target_bits:.1f}.work")
+    mixed = "-mixed" if getattr(spec, "mixed", False) else ""
+    return out.with_name(f".liftq-{spec.target_bits:.1f}{mixed}.work")
 
 
 def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[str]:
@@ -104,7 +105,7 @@ def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[s
         str(liftq), "quantize", args.model, "--out", str(out), "--bits", f"{spec.target_bits}",
         "--calib", str(calib_txt), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--seed", str(args.seed), "--json", "--work-dir", str(block_work_dir(spec, out)),
-    ] + tuning_flags(spec, args)  # fmt: skip
+    ] + ["--mixed"] * getattr(spec, "mixed", False) + tuning_flags(spec, args)  # fmt: skip
 
 
 def tuning_flags(spec, args) -> list[str]:

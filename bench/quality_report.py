@@ -30,6 +30,7 @@ class Row:
     reused: bool = False  # quantization taken from an earlier run's work dir
     eval_seconds: float | None = None
     eval_reused: bool = False  # perplexities taken from an earlier run on the same weights
+    origin: str = ""  # set on rows merged from an earlier run's results (--merge)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +59,8 @@ def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
         status = "ok" if r.status == "ok" else f"{r.status}: {r.reason}"
         if r.status == "ok" and r.reused:
             status = "ok (quantization reused)"
+        if r.origin:
+            status = f"{status}, {r.origin}"
         cells.append(
             [
                 r.id,

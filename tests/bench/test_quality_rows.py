@@ -184,3 +184,38 @@ def test_markdown_states_failures():
     row = Row("gptq-b2", "gptq", "2-bit", status="failed", reason="RuntimeError: a | b")
     text = markdown([row], ["# title"])
     assert "failed: RuntimeError: a \\| b" in text and text.startswith("# title")
+
+
+def test_a_mixed_row_asks_for_mixed_in_its_own_work_dir(tmp_path):
+    mixed = Namespace(id="liftq-3.0-mixed", target_bits=3.0, mixed=True, finetune_steps=0)
+    out = tmp_path / mixed.id
+    cmd = quality_liftq.liftq_command(Path("liftq"), mixed, out, tmp_path / "c.txt", args(seed=0))
+    assert "--mixed" in cmd and cmd[cmd.index("--bits") + 1] == "3.0"
+    assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / ".liftq-3.0-mixed.work")
+    plain = quality_liftq.liftq_command(Path("liftq"), spec(), out, tmp_path / "c.txt", args())
+    assert "--mixed" not in plain
+
+
+def test_merge_keeps_the_earlier_rows_this_run_did_not_measure(tmp_path):
+    from bench.quality import merged_rows
+
+    earlier = {
+        "protocol": {"max_tokens": 40960},
+        "calibration": {"fingerprint": "abc"},
+        "rows": [
+            Row("fp", "fp", "fp32", "ok", ppl={"wikitext2": 24.4}).as_dict(),
+            Row("liftq-3.0", "liftq", "3.0 bits", "ok", ppl={"wikitext2": 31.0}).as_dict(),
+            Row("rtn-b2-g64", "rtn", "2-bit", "ok", ppl={"wikitext2": 9e5}).as_dict(),
+        ],
+    }
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(earlier))
+    run = Namespace(merge=path, max_tokens=40960)
+    fresh = Row("liftq-3.0", "liftq", "3.0 bits", "ok", ppl={"wikitext2": 30.0})
+    rows = merged_rows([fresh], run, Namespace(calib_fingerprint="abc"))
+    assert [r.id for r in rows] == ["fp", "rtn-b2-g64", "liftq-3.0"]  # all_specs order
+    assert rows[2] is fresh and fresh.origin == ""
+    assert rows[0].origin == f"from {path}" and rows[0].ppl == {"wikitext2": 24.4}
+    assert rows[0].status == "ok"  # still counted by the regression check
+    with pytest.raises(SystemExit, match="another protocol or calibration"):
+        merged_rows([fresh], run, Namespace(calib_fingerprint="other"))
