@@ -56,6 +56,8 @@ CHILD = ROOT / "bench" / "quality_peers.py"
 CHILD_CODE = (CHILD, ROOT / "bench" / "quality_rtn.py")
 CHILD_TIMEOUT_S = 3 * 3600
 FINETUNE_STEPS = 48  # liftq -ft rows: 4 fresh windows per step (FinetuneConfig.batch)
+LONG_FINETUNE_STEPS, LONG_FINETUNE_LR = 96, 2e-3  # the -ft96 row
+LIFTQ_ONLY = ("finetune_steps", "finetune_lr", "mixed")  # Spec fields no peer row's key has
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 
@@ -72,6 +74,7 @@ class Spec:
     ftype: str = ""
     target_bits: float = 0.0  # liftq rows: the requested fractional bit-width
     finetune_steps: int = 0  # liftq -ft rows: `--finetune-steps` (block stage shared)
+    finetune_lr: float = 0.0  # liftq rows: `--finetune-lr` when set (else the CLI default)
     mixed: bool = False  # liftq -mixed rows: `--mixed` (same average bits, spread by sensitivity)
 
 
@@ -114,6 +117,18 @@ def all_specs() -> list[Spec]:
                 mixed=True,
             )
         )
+    specs.append(  # the longer schedule: twice the steps at twice the peak rate
+        Spec(
+            f"liftq-3.0-mixed-ft{LONG_FINETUNE_STEPS}",
+            "liftq",
+            f"3.0 bits, mixed by sensitivity + {LONG_FINETUNE_STEPS}-step fine-tuning at lr "
+            f"{LONG_FINETUNE_LR}",
+            target_bits=3.0,
+            finetune_steps=LONG_FINETUNE_STEPS,
+            finetune_lr=LONG_FINETUNE_LR,
+            mixed=True,
+        )
+    )
     return specs
 
 
@@ -216,9 +231,9 @@ def quantize(spec: Spec, inputs: Inputs, row: Row) -> Path | None:
         )
         return None
     settings = {
-        # finetune_steps is liftq-only and came after these rows were keyed: left out, so
-        # adding it did not re-run every peer
-        "spec": {k: v for k, v in spec.__dict__.items() if k not in ("finetune_steps", "mixed")},
+        # the liftq-only fields came after these rows were keyed: left out, so adding them
+        # did not re-run every peer
+        "spec": {k: v for k, v in spec.__dict__.items() if k not in LIFTQ_ONLY},
         "model": str(inputs.folder),
         "calib": inputs.calib_fingerprint,
         "seed": inputs.seed,

@@ -114,7 +114,10 @@ def tuning_flags(spec, args) -> list[str]:
     steps = getattr(spec, "finetune_steps", 0)
     if not steps:
         return []
-    return ["--finetune-steps", str(steps), "--finetune-calib", str(args.tuning_txt)]
+    lr = getattr(spec, "finetune_lr", 0.0)
+    return ["--finetune-steps", str(steps), "--finetune-calib", str(args.tuning_txt)] + (
+        ["--finetune-lr", str(lr)] if lr else []
+    )
 
 
 def prepare_liftq_row(
@@ -167,8 +170,10 @@ def prepare_liftq_row(
     run = json.loads(run_file.read_text()) if run_file.is_file() else {}
     fresh = run_file.is_file() and run_file.stat().st_mtime >= (out / "liftq.json").stat().st_mtime
     timed = gnu_time(work / f"{spec.id}.time.txt")
-    resumed = run.get("exit") == 0 and fresh and row.quant_seconds is not None
-    resumed = resumed and run["wall_s"] < row.quant_seconds  # blocks came from the work dir
+    # Blocks came from the work dir when this call's JSON-lines log has no block event
+    # (however long its fine-tuning took).
+    ran_blocks = log.is_file() and '"event": "block"' in log.read_text(errors="replace")
+    resumed = run.get("exit") == 0 and fresh and row.quant_seconds is not None and not ran_blocks
     if resumed:  # a -ft row whose block stage its plain row ran: add that stage's time
         row.quant_seconds += run["wall_s"]
         row.child_seconds, row.peak_rss_mb = run["wall_s"], run["peak_rss_mb"]

@@ -126,7 +126,7 @@ def test_missing_folder_runs_the_cli_with_the_shared_calibration(tmp_path, monke
 
     def fake_cli(cmd, log, timeout):  # what `liftq quantize ... --out DIR` leaves behind
         seen.append(cmd)
-        log.write_text('{"done": true}\n')
+        log.write_text('{"event": "block", "layer": 0}\n{"event": "done"}\n')
         write_output(Path(cmd[cmd.index("--out") + 1]), Path(cmd[cmd.index("--calib") + 1]))
         return 0, 42.0, 900.0
 
@@ -193,7 +193,13 @@ def test_a_mixed_row_asks_for_mixed_in_its_own_work_dir(tmp_path):
     assert "--mixed" in cmd and cmd[cmd.index("--bits") + 1] == "3.0"
     assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / ".liftq-3.0-mixed.work")
     plain = quality_liftq.liftq_command(Path("liftq"), spec(), out, tmp_path / "c.txt", args())
-    assert "--mixed" not in plain
+    assert "--mixed" not in plain and "--finetune-lr" not in plain
+    long = Namespace(id="x", target_bits=3.0, mixed=True, finetune_steps=96, finetune_lr=2e-3)
+    cmd = quality_liftq.liftq_command(
+        Path("liftq"), long, out, tmp_path / "c.txt", args(tuning_txt=tmp_path / "t.txt")
+    )
+    assert cmd[cmd.index("--finetune-steps") + 1] == "96"
+    assert cmd[cmd.index("--finetune-lr") + 1] == "0.002"
 
 
 def test_merge_keeps_the_earlier_rows_this_run_did_not_measure(tmp_path):
@@ -219,3 +225,19 @@ def test_merge_keeps_the_earlier_rows_this_run_did_not_measure(tmp_path):
     assert rows[0].status == "ok"  # still counted by the regression check
     with pytest.raises(SystemExit, match="another protocol or calibration"):
         merged_rows([fresh], run, Namespace(calib_fingerprint="other"))
+
+
+def test_a_resumed_finetuning_run_adds_the_block_stage_time(tmp_path, monkeypatch):
+    calib = tmp_path / "windows.txt"
+    calib.write_text("text")
+    monkeypatch.setattr(quality_liftq, "quantize_registered", lambda: True)
+
+    def fake_cli(cmd, log, timeout):  # blocks reused from the work dir: no block events
+        log.write_text('{"event": "finetune", "step": 1}\n{"event": "done"}\n')
+        write_output(Path(cmd[cmd.index("--out") + 1]), Path(cmd[cmd.index("--calib") + 1]))
+        return 0, 100.0, 9000.0  # longer than the blocks' 15 s: still a resumed run
+
+    row = Row("liftq-2.4-ft", "liftq", "2.4 bits + fine-tuning")
+    prepare_liftq_row(spec(), row, tmp_path, calib, args(seed=0), fake_cli, shapes())
+    assert (row.quant_seconds, row.child_seconds, row.peak_rss_mb) == (115.0, 100.0, 9000.0)
+    assert "block stage resumed" in row.bits_rule
