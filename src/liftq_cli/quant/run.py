@@ -36,10 +36,8 @@ SENSITIVITY_VERSION = 1
 def config_for_bits(bits: float) -> LatticeConfig:
     """The catalog config nearest to `bits`; on ties, the one with the lowest Gaussian MSE
     (2.0 bits is LQ-32/16, 3.0 bits LQ-30/10)."""
-    from liftq_cli.quant.lattice_catalog import catalog_manifest
-
-    mse = {e["name"]: e["gaussian_mse"] for e in catalog_manifest()["entries"]}
-    best = min(CATALOG_CONFIGS, key=lambda c: (round(abs(c.bits - bits), 6), mse.get(c.name, 1.0)))
+    mse = catalog_mse()
+    best = min(CATALOG_CONFIGS, key=lambda c: (round(abs(c.bits - bits), 6), mse.get(c, 1.0)))
     if abs(best.bits - bits) > BITS_TOLERANCE:
         low, high = CATALOG_CONFIGS[0].bits, CATALOG_CONFIGS[-1].bits
         raise BadInputError(
@@ -48,6 +46,14 @@ def config_for_bits(bits: float) -> LatticeConfig:
             "--config LQ-D/d"
         )
     return best
+
+
+def catalog_mse() -> dict[LatticeConfig, float]:
+    """Gaussian MSE of every catalog config, from the catalog manifest."""
+    from liftq_cli.quant.lattice_catalog import catalog_manifest
+
+    by_name = {e["name"]: e["gaussian_mse"] for e in catalog_manifest()["entries"]}
+    return {c: by_name[c.name] for c in CATALOG_CONFIGS if c.name in by_name}
 
 
 def check_writable(out: Path) -> None:
@@ -215,13 +221,13 @@ def allocate_bits(
 
     from liftq_cli.io.atomic import atomic_file
     from liftq_cli.quant.allocation import allocate
-    from liftq_cli.quant.lattice_catalog import catalog_manifest
     from liftq_cli.quant.pipeline import job_fingerprint
     from liftq_cli.quant.sensitivity import fisher_sensitivity
 
     windows = calibration.input_ids[:SENSITIVITY_WINDOWS]
     fingerprint = job_fingerprint(
         {
+            "model": str(folder),
             "weights": WeightReader(folder).fingerprint(),
             "calibration": calibration.fingerprint,
             "windows": list(windows.shape),
@@ -256,13 +262,7 @@ def allocate_bits(
         raise BadInputError(
             f"sensitivity in {cache} lacks {len(missing)} linears: delete it to measure again"
         )
-    mse = {
-        c: e["gaussian_mse"]
-        for e in catalog_manifest()["entries"]
-        for c in CATALOG_CONFIGS
-        if c.name == e["name"]
-    }
-    result = allocate(shapes, {k: kappa[k] for k in shapes}, mse, config.bits, uniform=config)
+    result = allocate(shapes, {k: kappa[k] for k in shapes}, catalog_mse(), config.bits, config)
     layers: dict[int, dict[str, LatticeConfig]] = {}
     for (layer, kind), cfg in sorted(result.configs.items()):
         layers.setdefault(layer, {})[kind] = cfg
