@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +25,6 @@ from liftq_cli.quant.finetune import FinetuneConfig, attach, finetune, tuned_ten
 from liftq_cli.quant.pipeline import (
     QuantizeOptions,
     build_skeleton,
-    linear_kinds,
     quantize_blocks,
 )
 
@@ -237,7 +237,10 @@ def allocate_bits(
     cache = work_dir / "sensitivity.json"
     saved = json.loads(cache.read_text()) if cache.is_file() else {}
     if saved.get("fingerprint") == fingerprint:
-        kappa = {(int(k.split(".")[0]), k.split(".")[1]): v for k, v in saved["kappa"].items()}
+        kappa: dict[tuple[int, str], float] = {}
+        for name, value in saved["kappa"].items():  # "11.down_proj" -> (11, "down_proj")
+            layer, _, kind = name.partition(".")
+            kappa[(int(layer), kind)] = value
     else:
         began = time.perf_counter()
         with quiet_transformers():
@@ -266,9 +269,7 @@ def allocate_bits(
     layers: dict[int, dict[str, LatticeConfig]] = {}
     for (layer, kind), cfg in sorted(result.configs.items()):
         layers.setdefault(layer, {})[kind] = cfg
-    counts: dict[str, int] = {}
-    for cfg in result.configs.values():
-        counts[cfg.name] = counts.get(cfg.name, 0) + 1
+    counts = Counter(cfg.name for cfg in result.configs.values())
     report = {
         "method": "fisher",
         "target_bits": config.bits,
@@ -356,11 +357,9 @@ def finetune_stage(
 
 def linear_shapes(skeleton) -> dict[tuple[int, str], tuple[int, int]]:
     """(layer, kind) -> (out, in) of every decoder linear, read off the meta-device model."""
-    return {
-        (layer, name.rpartition(".")[2]): (m.out_features, m.in_features)
-        for layer, block in enumerate(skeleton.model.layers)
-        for name, m in linear_kinds(block).items()
-    }
+    from liftq_cli.quant.sensitivity import decoder_linears
+
+    return {key: (m.out_features, m.in_features) for key, m in decoder_linears(skeleton).items()}
 
 
 def check_overrides(

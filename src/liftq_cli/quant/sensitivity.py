@@ -24,12 +24,14 @@ LinearKey = tuple[int, str]  # (layer, kind): (3, "down_proj")
 
 
 def decoder_linears(model: nn.Module) -> dict[LinearKey, nn.Linear]:
-    """Every nn.Linear inside the decoder blocks of a transformers causal LM."""
+    """Every nn.Linear inside the decoder blocks of a transformers causal LM (also a model on
+    the meta device), keyed (layer, kind)."""
+    from liftq_cli.quant.pipeline import linear_kinds
+
     return {
         (layer, name.rpartition(".")[2]): module
         for layer, block in enumerate(model.model.layers)
-        for name, module in block.named_modules()
-        if isinstance(module, nn.Linear)
+        for name, module in linear_kinds(block).items()
     }
 
 
