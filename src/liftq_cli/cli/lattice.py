@@ -23,6 +23,7 @@ from liftq_cli.quant.lattice_catalog import (
     CATALOG_DIR,
     build_catalog,
     catalog_manifest,
+    catalog_search,
     load_catalog_matrix,
     save_catalog,
     save_matrix_file,
@@ -47,7 +48,7 @@ def list_command(as_json: bool = JSON_OPTION) -> None:
         emit_json({"format_version": manifest["format_version"], "entries": entries})
         return
     table = Table(title=f"Lattice catalog ({len(entries)} configs)")
-    for column in ("config", "bits", "Gaussian MSE", "R-D bound", "train s"):
+    for column in ("config", "bits", "Gaussian MSE", "R-D bound", "beam", "train s"):
         table.add_column(column, justify="left" if column == "config" else "right")
     for entry in entries:
         table.add_row(
@@ -55,6 +56,7 @@ def list_command(as_json: bool = JSON_OPTION) -> None:
             f"{entry['bits']:.2f}",
             f"{entry['gaussian_mse']:.4f}",
             f"{rate_distortion_bound(entry['bits']):.4f}",
+            str(entry["search_beam"]),
             f"{entry['train_seconds']:.0f}",
         )
     console.print(table)
@@ -133,7 +135,9 @@ def bench_command(
     pad_samples: int = typer.Option(
         200, "--pad-samples", help="Slices for the pad search (0 skips it)."
     ),
-    beam: int = typer.Option(64, "--beam", help="K-best beam width."),
+    beam: int | None = typer.Option(
+        None, "--beam", help="K-best beam width (default: the catalog entry's beam)."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Time our encoder against the published pad search on the same matrix and slices."""
@@ -142,7 +146,7 @@ def bench_command(
         raise BadInputError("--samples must be positive and --pad-samples non-negative")
     M = load_catalog_matrix(cfg)
     x = held_out_sample(cfg.d, max(samples, pad_samples))
-    search = SearchConfig(beam=beam)
+    search = catalog_search(cfg) if beam is None else SearchConfig(beam=beam)
     start = time.perf_counter()
     ours = encode(x[:samples], M, search)
     ours_s = time.perf_counter() - start
@@ -150,7 +154,7 @@ def bench_command(
         "config": cfg.name,
         "bits": cfg.bits,
         "samples": samples,
-        "beam": beam,
+        "beam": search.beam,
         "mse": gaussian_mse(x[:samples], M, ours),
         "rd_bound": rate_distortion_bound(cfg.bits),
         "s_per_mweight": ours_s / (samples * cfg.d) * 1e6,

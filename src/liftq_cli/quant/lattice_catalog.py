@@ -22,7 +22,7 @@ from torch import Tensor
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.atomic import atomic_dir
 from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
-from liftq_cli.quant.lattice import DEFAULT_SEARCH
+from liftq_cli.quant.lattice import DEFAULT_SEARCH, SearchConfig, encode
 from liftq_cli.quant.lattice_train import TrainConfig, TrainResult, train_matrix
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
@@ -52,7 +52,20 @@ def train_config_for(cfg: LatticeConfig, seed: int = 0) -> TrainConfig:
     if pair == (16, 8):
         return replace(_BASE_SCHEDULE, iterations=60, restarts=4, init="hadamard", seed=seed)
     if pair == (32, 16):
-        return replace(_BASE_SCHEDULE, iterations=80, train_beam=64, restarts=3, seed=seed)
+        return replace(
+            _BASE_SCHEDULE,
+            iterations=200,
+            final_iterations=100,
+            final_samples=32_768,
+            train_beam=64,
+            memory=0.9,
+            polish_iterations=80,
+            polish_beam=256,
+            search_beam=256,
+            init="hadamard",
+            ratio=1.0,
+            seed=seed,
+        )
     if pair in PUBLISHED:
         return replace(_BASE_SCHEDULE, train_beam=64, restarts=2, seed=seed)
     return replace(_BASE_SCHEDULE, seed=seed)
@@ -100,6 +113,20 @@ def load_catalog_matrix(cfg: LatticeConfig, folder: Path = CATALOG_DIR) -> Tenso
     return matrix
 
 
+def catalog_search(cfg: LatticeConfig, folder: Path = CATALOG_DIR) -> SearchConfig:
+    """The encoder settings `cfg`'s catalog matrix ships with: the default search at the
+    entry's `search_beam` (the beam its reported MSE was measured with)."""
+    entries = catalog_manifest(folder)["entries"]
+    entry = next((e for e in entries if e["name"] == cfg.name), {})
+    return replace(DEFAULT_SEARCH, beam=int(entry.get("search_beam", DEFAULT_SEARCH.beam)))
+
+
+def catalog_encode(x: Tensor, M: Tensor) -> Tensor:
+    """`encode` with the search of M's catalog entry (found by M's shape (d, D))."""
+    d, D = M.shape
+    return encode(x, M, catalog_search(LatticeConfig(D, d)))
+
+
 def load_matrix_file(path: Path, cfg: LatticeConfig | None = None) -> Tensor:
     """A matrix written by `liftq lattice train --out FILE` (safetensors, one tensor)."""
     if not path.is_file():
@@ -138,6 +165,25 @@ def build_catalog(
     return results
 
 
+def _with_current_keys(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry written before a schedule setting existed, with that setting's default
+    (the value it was trained with), so every entry carries the same keys."""
+    defaults = TrainConfig()
+    missing = {
+        "memory": defaults.memory,
+        "polish_iterations": defaults.polish_iterations,
+        "polish_beam": defaults.polish_beam,
+        "search_beam": defaults.search_beam,
+    }
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        if key not in missing:
+            out[key] = value
+        if key == "train_beam":  # where a new entry has them
+            out.update({k: entry.get(k, v) for k, v in missing.items()})
+    return out
+
+
 def save_catalog(
     results: list[TrainResult], folder: Path = CATALOG_DIR, merge: bool = False
 ) -> None:
@@ -150,7 +196,7 @@ def save_catalog(
     if merge and (folder / MATRIX_FILE).is_file():
         old_tensors, old_manifest = _read(str(folder))
         for e in old_manifest["entries"]:
-            entries[e["name"]] = e
+            entries[e["name"]] = _with_current_keys(e)
             tensors[e["name"]] = old_tensors[tensor_key(LatticeConfig(e["D"], e["d"]))]
     for r in results:
         tensors[r.config.name] = r.matrix.contiguous()

@@ -47,7 +47,17 @@ class TrainConfig:
 
     iterations:        Lloyd steps on `samples` fresh slices each,
     final_iterations:  then this many on `final_samples` fresh slices each.
-    train_beam:        K-best beam while training (the evaluation uses the default encoder).
+    train_beam:        K-best beam while training.
+    memory:            each final and polish step solves its own normal equations plus
+                       `memory` times the previous step's (0: plain Lloyd). 0.9 pools ~10
+                       samples, so small samples stop adding estimation noise to M while M
+                       still moves. The first `iterations` are plain Lloyd, which moves
+                       fastest from the start.
+    polish_iterations: then this many steps on `samples` slices encoded at `polish_beam`,
+                       which fits M to a near-exact search instead of the training beam's.
+    search_beam:       the beam of the encoder this matrix is shipped with: validation and
+                       the reported MSE use it, and so does the quantiser (manifest
+                       `search_beam`; a wider beam costs encode time linearly).
     restarts:          independent starts (seeds seed*1000 + r); the best on validation wins.
     init:              "orthonormal" (random orthonormal rows), "hadamard" (D = 2d, d a
                        power of two: M = [a I, H/sqrt(d)] with a = ratio + 0.1 r for start r,
@@ -63,18 +73,25 @@ class TrainConfig:
     final_iterations: int = 0
     final_samples: int = 262_144
     train_beam: int = 32
+    memory: float = 0.0
+    polish_iterations: int = 0
+    polish_beam: int = 256
+    search_beam: int = DEFAULT_SEARCH.beam
     restarts: int = 1
     init: str = "orthonormal"
     seed: int = 0
     ratio: float = 1.2
 
     def __post_init__(self) -> None:
-        if self.iterations < 0 or self.final_iterations < 0:
+        if min(self.iterations, self.final_iterations, self.polish_iterations) < 0:
             raise BadInputError(f"iterations={self.iterations} is invalid: use 0 or more")
         if self.samples < 256 or self.final_samples < 256:
             raise BadInputError(f"samples={self.samples} is too few: use at least 256")
-        if self.train_beam < 1:
-            raise BadInputError(f"train_beam={self.train_beam} is invalid: use at least 1")
+        for name in ("train_beam", "polish_beam", "search_beam"):
+            if getattr(self, name) < 1:
+                raise BadInputError(f"{name}={getattr(self, name)} is invalid: use at least 1")
+        if not 0 <= self.memory < 1:
+            raise BadInputError(f"memory={self.memory} is invalid: use 0 (plain Lloyd) to 0.99")
         if self.restarts < 1:
             raise BadInputError(f"restarts={self.restarts} is invalid: use at least 1")
         if self.init not in ("orthonormal", "hadamard", "mixed"):
@@ -117,6 +134,10 @@ class TrainResult:
             "final_iterations": self.train.final_iterations,
             "final_samples": self.train.final_samples,
             "train_beam": self.train.train_beam,
+            "memory": self.train.memory,
+            "polish_iterations": self.train.polish_iterations,
+            "polish_beam": self.train.polish_beam,
+            "search_beam": self.train.search_beam,
             "restarts": self.train.restarts,
             "init": self.train.init,
             **({"ratio": self.train.ratio} if self.train.init != "orthonormal" else {}),
@@ -153,15 +174,25 @@ def hadamard_start(cfg: LatticeConfig, ratio: float) -> Tensor:
     return (M * (cfg.d / (M * M).sum()) ** 0.5).to(torch.float32).contiguous()
 
 
+def normal_equations(x: Tensor, signs: Tensor) -> tuple[Tensor, Tensor]:
+    """(Q^T Q [D, D], Q^T X [D, d]) in float64 for x [n, d] and signs [n, D] +-1."""
+    q = signs.to(torch.float64)
+    return q.T @ q, q.T @ x.to(torch.float64)
+
+
+def solve_normal_equations(gram: Tensor, cross: Tensor) -> Tensor:
+    """M = (Q^T X)^T (Q^T Q)^-1, float32 (d, D); a 1e-9 relative ridge keeps it defined."""
+    scale = float(torch.diagonal(gram).mean().clamp_min(1e-30))
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return torch.linalg.solve(gram + 1e-9 * scale * eye, cross).T.to(torch.float32).contiguous()
+
+
 def least_squares_matrix(x: Tensor, signs: Tensor) -> Tensor:
     """Optimal M for fixed codes: argmin ||X - Q M^T||_F = X^T Q (Q^T Q)^-1, float32 (d, D).
 
     x [n, d], signs [n, D] +-1 (same device); float64 normal equations.
     """
-    q = signs.to(torch.float64)
-    eye = torch.eye(q.shape[1], dtype=torch.float64, device=q.device)
-    gram = q.T @ q + 1e-9 * q.shape[0] * eye
-    return torch.linalg.solve(gram, q.T @ x.to(torch.float64)).T.to(torch.float32).contiguous()
+    return solve_normal_equations(*normal_equations(x, signs))
 
 
 def held_out_sample(d: int, n: int = EVAL_SAMPLES, seed: int = EVAL_SEED) -> Tensor:
@@ -197,14 +228,22 @@ def _lloyd(
 ) -> tuple[Tensor, list[float]]:
     generator = torch.Generator().manual_seed(train.seed * 1000 + restart)
     M = _start(cfg, train, restart, generator).to(device)
-    search = SearchConfig(beam=train.train_beam)
     history: list[float] = []
-    steps = [train.samples] * train.iterations + [train.final_samples] * train.final_iterations
-    for n in steps:
+    steps = (
+        [(train.samples, train.train_beam)] * train.iterations
+        + [(train.final_samples, train.train_beam)] * train.final_iterations
+        + [(train.samples, train.polish_beam)] * train.polish_iterations
+    )
+    pooled: tuple[Tensor, Tensor] | None = None
+    for step, (n, beam) in enumerate(steps):
         x = torch.randn(n, cfg.d, generator=generator).to(device)
-        signs = signs_from_codes(encode(x, M, search))
+        signs = signs_from_codes(encode(x, M, SearchConfig(beam=beam)))
         history.append(round(float(((x - signs @ M.T) ** 2).mean()), 6))
-        M = least_squares_matrix(x, signs)
+        gram, cross = normal_equations(x, signs)
+        if pooled is not None and train.memory and step > train.iterations:
+            gram, cross = gram + train.memory * pooled[0], cross + train.memory * pooled[1]
+        pooled = (gram, cross)
+        M = solve_normal_equations(gram, cross)
         step_done()
     return M, history
 
@@ -221,7 +260,8 @@ def train_matrix(
     train.check(cfg)
     start = time.perf_counter()
     device = torch.device(device)
-    total = train.restarts * (train.iterations + train.final_iterations)
+    total = train.restarts * (train.iterations + train.final_iterations + train.polish_iterations)
+    search = SearchConfig(beam=train.search_beam)
     done = [0]
 
     def step_done() -> None:
@@ -235,13 +275,13 @@ def train_matrix(
         M, history = _lloyd(cfg, train, r, device, step_done)
         score = 0.0  # a single start needs no validation
         if train.restarts > 1:
-            score = evaluate_matrix(M, VALIDATION_SAMPLES, seed=VALIDATION_SEED)
+            score = evaluate_matrix(M, VALIDATION_SAMPLES, search, VALIDATION_SEED)
             validation.append(round(score, 6))
         if best is None or score < best[0]:
             best = (score, r, M, history)
     assert best is not None
     _, restart, M, history = best
-    mse = evaluate_matrix(M, eval_samples)
+    mse = evaluate_matrix(M, eval_samples, search)
     return TrainResult(
         cfg,
         train,

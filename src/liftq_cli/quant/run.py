@@ -98,8 +98,7 @@ def quantize(
     linear its own catalog config by measured sensitivity (`allocate_bits`); the choice becomes
     the job's per-linear overrides, so resume and output work as for a mixed recipe.
     """
-    from liftq_cli.quant.lattice import encode
-    from liftq_cli.quant.lattice_catalog import load_catalog_matrix
+    from liftq_cli.quant.lattice_catalog import catalog_encode, load_catalog_matrix
 
     options = options or QuantizeOptions()
     finetune = finetune or FinetuneConfig()
@@ -151,7 +150,7 @@ def quantize(
         calibration.input_ids,
         work_dir,
         load_catalog_matrix,
-        encode,
+        catalog_encode,
         options,
         settings,
         progress,
