@@ -122,7 +122,7 @@ def markdown(rows: list[dict], sweep: list[dict], meta: dict) -> str:
     lines = [
         "# Lattice encoder: Gaussian MSE and speed",
         "",
-        f"Command: `nice -n 10 python bench/lattice.py --pad-work {meta['pad_work']:.0e}`. "
+        f"Command: `nice -n 10 python bench/lattice.py {meta['arguments']}`. "
         f"{meta['machine']}, torch {meta['torch']}, {meta['threads']} torch threads; load "
         f"average {meta['load_start']} at start, {meta['load_end']} at the end (the machine "
         "is shared: wall-clock times are inflated by the other jobs, both encoders alike).",
@@ -190,6 +190,8 @@ def main() -> None:
         "pad_work": args.pad_work,
         "torch": torch.__version__,
         "sweep_slices": args.sweep_slices,
+        "arguments": f"--pad-work {args.pad_work:.0e} --sweep-slices {args.sweep_slices}"
+        + (f" --configs {args.configs}" if args.configs else ""),
     }
     rows = []
     for cfg in configs:

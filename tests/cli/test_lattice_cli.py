@@ -41,6 +41,25 @@ def test_train_writes_a_usable_matrix(cli, tmp_path):
     assert load_matrix_file(out).shape == (4, 8)
 
 
+def test_train_takes_the_pooled_and_polish_schedule(cli):
+    args = ("lattice", "train", "--D", "8", "--d", "4", "--iterations", "1", "--samples", "512")
+    schedule = ("--final-iterations", "2", "--final-samples", "512", "--memory", "0.9")
+    polish = ("--polish-iterations", "1", "--polish-beam", "8", "--search-beam", "16")
+    result = cli(*args, *schedule, *polish, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert (payload["memory"], payload["polish_iterations"], payload["search_beam"]) == (0.9, 1, 16)
+    assert len(payload["history"]) == 4
+
+
+def test_bench_uses_the_catalog_beam_unless_told(cli):
+    base = ("lattice", "bench", "--config", "LQ-32/16", "--samples", "64", "--pad-samples", "0")
+    shipped = json.loads(cli(*base, "--json").stdout)
+    narrow = json.loads(cli(*base, "--beam", "8", "--json").stdout)
+    assert (shipped["beam"], narrow["beam"]) == (256, 8)
+    assert shipped["mse"] < narrow["mse"]
+
+
 def test_bench_json_compares_with_pad_search(cli):
     result = cli(
         "lattice", "bench", "--config", "LQ-24/10", "--samples", "300", "--pad-samples", "100",
@@ -63,6 +82,7 @@ def test_bench_json_compares_with_pad_search(cli):
         (("train", "--D", "24", "--d", "10", "--init", "hadamard"), ("LQ-24/10", "orthonormal")),
         (("train", "--D", "8", "--d", "4", "--device", "tpu"), ("tpu", "cpu or cuda")),
         (("train", "--D", "8", "--d", "4", "--beam", "0"), ("beam=0",)),
+        (("train", "--D", "8", "--d", "4", "--memory", "1"), ("memory=1.0", "0.99")),
     ],
 )
 def test_bad_input_is_one_line_error(cli, args, fragments):

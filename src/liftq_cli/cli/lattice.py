@@ -86,6 +86,16 @@ def train_command(
     ),
     final_samples: int = typer.Option(262_144, "--final-samples", help="Slices per final step."),
     beam: int = typer.Option(32, "--beam", help="K-best beam while training."),
+    memory: float = typer.Option(
+        0.0, "--memory", help="Final and polish steps pool earlier normal equations (0 to 0.99)."
+    ),
+    polish_iterations: int = typer.Option(
+        0, "--polish-iterations", help="Last steps, encoded at --polish-beam."
+    ),
+    polish_beam: int = typer.Option(256, "--polish-beam", help="K-best beam of the polish steps."),
+    search_beam: int = typer.Option(
+        64, "--search-beam", help="Beam the matrix is evaluated (and would be shipped) with."
+    ),
     restarts: int = typer.Option(1, "--restarts", help="Independent starts; the best is kept."),
     init: str = typer.Option("orthonormal", "--init", help="orthonormal or hadamard (D = 2d)."),
     ratio: float = typer.Option(
@@ -103,6 +113,10 @@ def train_command(
         final_iterations=final_iterations,
         final_samples=final_samples,
         train_beam=beam,
+        memory=memory,
+        polish_iterations=polish_iterations,
+        polish_beam=polish_beam,
+        search_beam=search_beam,
         restarts=restarts,
         init=init,
         seed=seed,
