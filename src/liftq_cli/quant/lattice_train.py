@@ -5,7 +5,9 @@ Lloyd alternation: encode a fresh Gaussian sample X [n, d] with the K-best searc
 M = X^T Q (Q^T Q)^-1, and repeat. Each step cannot raise the training-sample MSE for the
 codes it was fitted to, and a fresh sample per step keeps M from overfitting. The last
 `final_iterations` steps use a much larger sample (`final_samples`), which removes most of
-the estimation noise of M (with n samples the fitted M is ~D*d/n relatively worse).
+the estimation noise of M (with n samples the fitted M is ~D*d/n relatively worse); with
+`memory` they pool the normal equations of earlier steps instead, which does the same on
+small samples. Optional polish steps at a wider beam fit M to a near-exact search.
 M starts with orthonormal rows (the paper's initialisation), so E||M q||^2 = d.
 Lloyd stops in a local optimum that depends on the start, so `restarts` independent starts
 are trained and the one with the lowest MSE on a validation sample (not the evaluation
@@ -83,8 +85,9 @@ class TrainConfig:
     ratio: float = 1.2
 
     def __post_init__(self) -> None:
-        if min(self.iterations, self.final_iterations, self.polish_iterations) < 0:
-            raise BadInputError(f"iterations={self.iterations} is invalid: use 0 or more")
+        for name in ("iterations", "final_iterations", "polish_iterations"):
+            if getattr(self, name) < 0:
+                raise BadInputError(f"{name}={getattr(self, name)} is invalid: use 0 or more")
         if self.samples < 256 or self.final_samples < 256:
             raise BadInputError(f"samples={self.samples} is too few: use at least 256")
         for name in ("train_beam", "polish_beam", "search_beam"):
