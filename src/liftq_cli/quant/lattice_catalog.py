@@ -115,6 +115,12 @@ def load_catalog_matrix(cfg: LatticeConfig, folder: Path = CATALOG_DIR) -> Tenso
     return matrix
 
 
+def catalog_mse(folder: Path = CATALOG_DIR) -> dict[LatticeConfig, float]:
+    """Gaussian MSE of every catalog config, from the catalog manifest."""
+    by_name = {e["name"]: e["gaussian_mse"] for e in catalog_manifest(folder)["entries"]}
+    return {c: by_name[c.name] for c in CATALOG_CONFIGS if c.name in by_name}
+
+
 def catalog_search(cfg: LatticeConfig, folder: Path = CATALOG_DIR) -> SearchConfig:
     """The encoder settings `cfg`'s catalog matrix ships with: the default search at the
     entry's `search_beam` (the beam its reported MSE was measured with)."""

@@ -36,6 +36,8 @@ SENSITIVITY_VERSION = 1
 def config_for_bits(bits: float) -> LatticeConfig:
     """The catalog config nearest to `bits`; on ties, the one with the lowest Gaussian MSE
     (2.0 bits is LQ-32/16, 3.0 bits LQ-30/10)."""
+    from liftq_cli.quant.lattice_catalog import catalog_mse
+
     mse = catalog_mse()
     best = min(CATALOG_CONFIGS, key=lambda c: (round(abs(c.bits - bits), 6), mse.get(c, 1.0)))
     if abs(best.bits - bits) > BITS_TOLERANCE:
@@ -46,14 +48,6 @@ def config_for_bits(bits: float) -> LatticeConfig:
             "--config LQ-D/d"
         )
     return best
-
-
-def catalog_mse() -> dict[LatticeConfig, float]:
-    """Gaussian MSE of every catalog config, from the catalog manifest."""
-    from liftq_cli.quant.lattice_catalog import catalog_manifest
-
-    by_name = {e["name"]: e["gaussian_mse"] for e in catalog_manifest()["entries"]}
-    return {c: by_name[c.name] for c in CATALOG_CONFIGS if c.name in by_name}
 
 
 def check_writable(out: Path) -> None:
@@ -220,6 +214,7 @@ def allocate_bits(
 
     from liftq_cli.io.atomic import atomic_file
     from liftq_cli.quant.allocation import allocate
+    from liftq_cli.quant.lattice_catalog import catalog_mse
     from liftq_cli.quant.pipeline import job_fingerprint
     from liftq_cli.quant.sensitivity import fisher_sensitivity
 
