@@ -47,6 +47,7 @@ bench: bench-lattice bench-quality
 
 bench-lattice: $(STAMP)
 	$(BIN)/python bench/lattice.py
+	$(BIN)/python bench/lattice_16_8.py
 
 # Peer quantizers (GPTQ, HQQ, llama.cpp) live in their own venv, bench/.venv-peers, so the
 # product stays lean; exits 1 when a liftq row loses to a peer at fewer or equal bits/w.

@@ -83,6 +83,8 @@ def test_bench_json_compares_with_pad_search(cli):
         (("train", "--D", "8", "--d", "4", "--device", "tpu"), ("tpu", "cpu or cuda")),
         (("train", "--D", "8", "--d", "4", "--beam", "0"), ("beam=0",)),
         (("train", "--D", "8", "--d", "4", "--memory", "1"), ("memory=1.0", "0.99")),
+        (("train", "--D", "24", "--d", "12", "--init", "blocks"), ("LQ-24/12", "LQ-16/8")),
+        (("train", "--D", "8", "--d", "4", "--fit", "rows"), ("fit 'rows'", "matrix or scale")),
     ],
 )
 def test_bad_input_is_one_line_error(cli, args, fragments):

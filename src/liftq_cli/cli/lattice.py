@@ -97,7 +97,12 @@ def train_command(
         64, "--search-beam", help="Beam the matrix is evaluated (and would be shipped) with."
     ),
     restarts: int = typer.Option(1, "--restarts", help="Independent starts; the best is kept."),
-    init: str = typer.Option("orthonormal", "--init", help="orthonormal or hadamard (D = 2d)."),
+    init: str = typer.Option(
+        "orthonormal", "--init", help="orthonormal, hadamard (D = 2d) or blocks (LQ-16/8)."
+    ),
+    fit: str = typer.Option(
+        "matrix", "--fit", help="Each step fits all of M (matrix) or only its scale (scale)."
+    ),
     ratio: float = typer.Option(
         1.2, "--ratio", help="hadamard init: a in [a I, H/sqrt(d)] of the first start."
     ),
@@ -119,6 +124,7 @@ def train_command(
         search_beam=search_beam,
         restarts=restarts,
         init=init,
+        fit=fit,
         seed=seed,
         ratio=ratio,
     )

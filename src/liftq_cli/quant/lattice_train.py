@@ -62,10 +62,13 @@ class TrainConfig:
                        `search_beam`; a wider beam costs encode time linearly).
     restarts:          independent starts (seeds seed*1000 + r); the best on validation wins.
     init:              "orthonormal" (random orthonormal rows), "hadamard" (D = 2d, d a
-                       power of two: M = [a I, H/sqrt(d)] with a = ratio + 0.1 r for start r,
-                       a structured start from which Lloyd ends lower on LQ-16/8) or
+                       power of two: M = [a I, H/sqrt(d)] with a = ratio + 0.1 r for start r),
                        "mixed" (even starts hadamard with a = ratio + 0.1 r/2, odd
-                       orthonormal).
+                       orthonormal) or "blocks" (LQ-16/8 only: the closed-form matrix of
+                       `block_hadamard_start`).
+    fit:               "matrix" (each step solves for all of M) or "scale" (each step
+                       solves only for a global scale of M, which keeps a closed-form start
+                       exact instead of adding the estimation noise of D*d free entries).
     seed:              base seed.
     ratio:             a of the first hadamard start.
     """
@@ -81,6 +84,7 @@ class TrainConfig:
     search_beam: int = DEFAULT_SEARCH.beam
     restarts: int = 1
     init: str = "orthonormal"
+    fit: str = "matrix"
     seed: int = 0
     ratio: float = 1.2
 
@@ -97,13 +101,18 @@ class TrainConfig:
             raise BadInputError(f"memory={self.memory} is invalid: use 0 (plain Lloyd) to 0.99")
         if self.restarts < 1:
             raise BadInputError(f"restarts={self.restarts} is invalid: use at least 1")
-        if self.init not in ("orthonormal", "hadamard", "mixed"):
+        if self.init not in ("orthonormal", "hadamard", "mixed", "blocks"):
             raise BadInputError(
-                f"init '{self.init}' is unknown: use orthonormal, hadamard or mixed"
+                f"init '{self.init}' is unknown: use orthonormal, hadamard, mixed or blocks"
             )
+        if self.fit not in ("matrix", "scale"):
+            raise BadInputError(f"fit '{self.fit}' is unknown: use matrix or scale")
 
     def check(self, cfg: LatticeConfig) -> None:
-        """Refuse a schedule that cannot train `cfg` (hadamard needs D = 2d, d = 2^k)."""
+        """Refuse a schedule that cannot train `cfg` (hadamard needs D = 2d, d = 2^k;
+        blocks exists for LQ-16/8 only)."""
+        if self.init == "blocks" and (cfg.D, cfg.d) != (16, 8):
+            raise BadInputError(f"init blocks is defined for LQ-16/8, not {cfg.name}: use hadamard")
         if self.init != "orthonormal" and (2 * cfg.d != cfg.D or cfg.d & (cfg.d - 1)):
             raise BadInputError(
                 f"init {self.init} needs D = 2d with d a power of two, not {cfg.name}: "
@@ -141,9 +150,10 @@ class TrainResult:
             "polish_iterations": self.train.polish_iterations,
             "polish_beam": self.train.polish_beam,
             "search_beam": self.train.search_beam,
+            "fit": self.train.fit,
             "restarts": self.train.restarts,
             "init": self.train.init,
-            **({"ratio": self.train.ratio} if self.train.init != "orthonormal" else {}),
+            **({"ratio": self.train.ratio} if self.train.init in ("hadamard", "mixed") else {}),
             "best_restart": self.restart,
             "gaussian_mse": round(self.mse, 6),
             "eval_samples": EVAL_SAMPLES,
@@ -168,13 +178,51 @@ def orthonormal_rows(cfg: LatticeConfig, generator: torch.Generator) -> Tensor:
     return q.T.to(torch.float32).contiguous()
 
 
+def _sylvester(n: int) -> Tensor:
+    """The n x n Sylvester Hadamard matrix (n a power of two), float64 +-1."""
+    H = torch.ones(1, 1, dtype=torch.float64)
+    while H.shape[0] < n:
+        H = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), H)
+    return H
+
+
+def _unit_energy(M: Tensor) -> Tensor:
+    """M scaled so that E||M q||^2 = ||M||_F^2 = d, as float32."""
+    return (M * (M.shape[0] / (M * M).sum()) ** 0.5).to(torch.float32).contiguous()
+
+
 def hadamard_start(cfg: LatticeConfig, ratio: float) -> Tensor:
     """[ratio * I, H / sqrt(d)] scaled so that E||M q||^2 = d: (d, 2d) float32 (Sylvester H)."""
-    H = torch.ones(1, 1, dtype=torch.float64)
-    while H.shape[0] < cfg.d:
-        H = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), H)
-    M = torch.cat([ratio * torch.eye(cfg.d, dtype=torch.float64), H / cfg.d**0.5], 1)
-    return (M * (cfg.d / (M * M).sum()) ** 0.5).to(torch.float32).contiguous()
+    H = _sylvester(cfg.d)
+    return _unit_energy(
+        torch.cat([ratio * torch.eye(cfg.d, dtype=torch.float64), H / cfg.d**0.5], 1)
+    )
+
+
+def block_hadamard_start(cfg: LatticeConfig) -> Tensor:
+    """The closed-form LQ-16/8 matrix [I, R] (scaled to E||M q||^2 = d), R orthogonal.
+
+    R has the signs of the Sylvester H8 with its column pairs (4, 5) and (6, 7) swapped;
+    its magnitudes are 1/2 on the four diagonal 2x2 blocks and 1/(2 sqrt 3) elsewhere.
+    With that column order every diagonal 2x2 block is +-H2 and R R^T = I holds exactly for
+    any block magnitude a (off the blocks sqrt((1 - 2a^2)/6)). Lloyd from the plain
+    Hadamard start (a = 1/sqrt 8 everywhere) ends near this two-level pattern, but with
+    every entry off by its estimation noise; the exact pattern with a = 1/2 has the lower
+    Gaussian MSE, and a = 1/2 is the best of the family (bench/lattice_16_8.py).
+    """
+    if (cfg.D, cfg.d) != (16, 8):
+        raise BadInputError(f"the block Hadamard start is LQ-16/8's, not {cfg.name}")
+    return _unit_energy(torch.cat([torch.eye(8, dtype=torch.float64), block_rotation(0.5)], 1))
+
+
+def block_rotation(a: float) -> Tensor:
+    """The 8 x 8 orthogonal R of `block_hadamard_start` with block magnitude a, float64."""
+    if not 0 <= a <= 0.5**0.5:
+        raise BadInputError(f"block magnitude {a} is invalid: use 0 to 1/sqrt(2)")
+    signs = _sylvester(8)[:, [0, 1, 2, 3, 6, 7, 4, 5]]
+    blocks = torch.kron(torch.eye(4, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64))
+    b = ((1 - 2 * a * a) / 6) ** 0.5
+    return signs * (b + (a - b) * blocks)
 
 
 def normal_equations(x: Tensor, signs: Tensor) -> tuple[Tensor, Tensor]:
@@ -188,6 +236,13 @@ def solve_normal_equations(gram: Tensor, cross: Tensor) -> Tensor:
     scale = float(torch.diagonal(gram).mean().clamp_min(1e-30))
     eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
     return torch.linalg.solve(gram + 1e-9 * scale * eye, cross).T.to(torch.float32).contiguous()
+
+
+def solve_scale(gram: Tensor, cross: Tensor, M: Tensor) -> Tensor:
+    """c M with the least-squares scale c for fixed codes: c = tr(M Q^T X) / tr(M Q^T Q M^T)."""
+    Md = M.to(gram.device, torch.float64)
+    c = torch.trace(Md @ cross) / torch.trace(Md @ gram @ Md.T).clamp_min(1e-30)
+    return (c * Md).to(torch.float32).contiguous()
 
 
 def least_squares_matrix(x: Tensor, signs: Tensor) -> Tensor:
@@ -215,6 +270,8 @@ def evaluate_matrix(
 
 
 def _start(cfg: LatticeConfig, train: TrainConfig, restart: int, gen: torch.Generator) -> Tensor:
+    if train.init == "blocks":
+        return block_hadamard_start(cfg)
     if train.init == "hadamard":
         return hadamard_start(cfg, train.ratio + 0.1 * restart)
     if train.init == "mixed" and restart % 2 == 0:
@@ -246,7 +303,11 @@ def _lloyd(
         if pooled is not None and train.memory and step > train.iterations:
             gram, cross = gram + train.memory * pooled[0], cross + train.memory * pooled[1]
         pooled = (gram, cross)
-        M = solve_normal_equations(gram, cross)
+        M = (
+            solve_scale(gram, cross, M)
+            if train.fit == "scale"
+            else solve_normal_equations(gram, cross)
+        )
         step_done()
     return M, history
 
