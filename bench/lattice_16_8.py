@@ -12,7 +12,7 @@ benchmark backs that choice and its docstring with measurements:
    precise value that the 100k-slice number estimates.
 2. The spread of the 100k-slice number over random rotations of the same codebook (a
    rotated codebook has exactly the same true MSE): how far that number moves by chance.
-3. The block magnitude a of `block_rotation`, scale fitted, on one common fresh sample.
+3. The block magnitude a of `block_hadamard_start`, scale fitted, on one common fresh sample.
 
 Writes bench/results/lattice_16_8.md and bench/results/lattice_16_8.json.
 
@@ -38,10 +38,10 @@ from liftq_cli.quant.lattice import (
     gaussian_mse,
     signs_from_codes,
 )
-from liftq_cli.quant.lattice_catalog import train_config_for
+from liftq_cli.quant.lattice_catalog import catalog_search, train_config_for
 from liftq_cli.quant.lattice_train import (
     TrainConfig,
-    block_rotation,
+    block_hadamard_start,
     held_out_sample,
     normal_equations,
     solve_scale,
@@ -95,13 +95,13 @@ def rotation_spread(M: torch.Tensor, search: SearchConfig, count: int) -> list[f
 
 
 def magnitude_scan(search: SearchConfig) -> list[dict[str, float]]:
-    """MSE of [I, R(a)] with its least-squares scale (3 steps on 2^18 slices), measured on
-    one common fresh sample."""
+    """MSE of [I, R(a)] (`block_hadamard_start`) with its least-squares scale (3 steps on
+    2^18 slices), measured on one common fresh sample."""
     fit_x = held_out_sample(CFG.d, 1 << 18, FRESH_SEED - 1)
     test_x = held_out_sample(CFG.d, FRESH_SLICES, FRESH_SEED - 2)
     rows = []
     for a in MAGNITUDES:
-        M = torch.cat([torch.eye(8, dtype=torch.float64), block_rotation(a)], 1).float() / 2**0.5
+        M = block_hadamard_start(CFG, a)
         for _ in range(3):
             M = solve_scale(*normal_equations(fit_x, signs_from_codes(encode(fit_x, M, search))), M)
         rows.append({"a": round(a, 4), "mse": gaussian_mse(test_x, M, encode(test_x, M, search))})
@@ -136,7 +136,7 @@ def main() -> None:
     parser.add_argument("--rotations", type=int, default=8, help="random rotations")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    search = SearchConfig(beam=train_config_for(CFG).search_beam)
+    search = catalog_search(CFG)  # the encoder LQ-16/8 ships with
     start = time.perf_counter()
     rows = [
         build("blocks (catalog)", train_config_for(CFG), search, args.fresh),
@@ -177,7 +177,7 @@ def main() -> None:
         f"100k held-out MSE: min {float(s.min()):.6f}, max {float(s.max()):.6f}, "
         f"std {float(s.std()):.6f}.",
         "",
-        "Block magnitude a of `block_rotation` (a = 1/sqrt 8 is the plain Hadamard "
+        "Block magnitude a of `block_hadamard_start` (a = 1/sqrt 8 is the plain Hadamard "
         "matrix), scale fitted, one fresh sample of 2^19 slices:",
         "",
         "| a | MSE |",

@@ -199,8 +199,9 @@ def hadamard_start(cfg: LatticeConfig, ratio: float) -> Tensor:
     )
 
 
-def block_hadamard_start(cfg: LatticeConfig) -> Tensor:
-    """The closed-form LQ-16/8 matrix [I, R] (scaled to E||M q||^2 = d), R orthogonal.
+def block_hadamard_start(cfg: LatticeConfig, a: float = 0.5) -> Tensor:
+    """The closed-form LQ-16/8 matrix [I, R] (scaled to E||M q||^2 = d), R orthogonal
+    (`block_rotation(a)`; the catalog's a = 1/2).
 
     R has the signs of the Sylvester H8 with its column pairs (4, 5) and (6, 7) swapped;
     its magnitudes are 1/2 on the four diagonal 2x2 blocks and 1/(2 sqrt 3) elsewhere.
@@ -212,7 +213,7 @@ def block_hadamard_start(cfg: LatticeConfig) -> Tensor:
     """
     if (cfg.D, cfg.d) != (16, 8):
         raise BadInputError(f"the block Hadamard start is LQ-16/8's, not {cfg.name}")
-    return _unit_energy(torch.cat([torch.eye(8, dtype=torch.float64), block_rotation(0.5)], 1))
+    return _unit_energy(torch.cat([torch.eye(8, dtype=torch.float64), block_rotation(a)], 1))
 
 
 def block_rotation(a: float) -> Tensor:
