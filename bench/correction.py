@@ -23,23 +23,21 @@ if str(ROOT) not in sys.path:  # `python bench/correction.py` puts bench/, not t
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402 - after the path set-up above
+from bench.environment import versions_line  # noqa: E402
 from bench.ldlq import block_inputs  # noqa: E402
 
 from liftq_cli.data.calibration import calibration_set  # noqa: E402
 from liftq_cli.data.text import load_text  # noqa: E402
 from liftq_cli.io.atomic import write_text_atomic  # noqa: E402
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve  # noqa: E402
-from liftq_cli.quant import pipeline  # noqa: E402
-from liftq_cli.quant.block_correction import (  # noqa: E402
-    CorrectableLinear,
-    CorrectionConfig,
-    correct_block,
-)
-from liftq_cli.quant.configs import LatticeConfig  # noqa: E402
+from liftq_cli.lattice_config import LatticeConfig  # noqa: E402
+from liftq_cli.quant import blocks  # noqa: E402
+from liftq_cli.quant.block_correction import CorrectableLinear, correct_block  # noqa: E402
+from liftq_cli.quant.encode import quantize_linear  # noqa: E402
 from liftq_cli.quant.lattice import encode  # noqa: E402
 from liftq_cli.quant.lattice_catalog import load_catalog_matrix  # noqa: E402
-from liftq_cli.quant.layerwise import quantize_linear  # noqa: E402
 from liftq_cli.quant.whitening import fit_whitening  # noqa: E402
+from liftq_cli.quantize_job import CorrectionConfig  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
@@ -68,9 +66,9 @@ def main() -> None:
     layer, block, hidden, run = next(block_inputs(folder, ids.input_ids, [args.layer]))
     with torch.no_grad():
         targets = run(block, hidden)
-    stats = pipeline._collect_stats(block, run, hidden, 2)
+    stats = blocks.collect_stats(block, run, hidden, 2)
     quantized = {}
-    for name, linear in pipeline.linear_kinds(block).items():
+    for name, linear in blocks.linear_kinds(block).items():
         gram, act = stats[name]
         weight = linear.weight.detach().float()
         wh, _ = fit_whitening(weight, gram, act, cfg.bits, steps=50, alphas=(0.0,))
@@ -81,7 +79,7 @@ def main() -> None:
         trial = copy.deepcopy(block)
         init = overrides.get("latent_init", CorrectionConfig.latent_init)
         for name, (quant, bias) in quantized.items():
-            pipeline._set_module(trial, name, CorrectableLinear(quant, bias, init))
+            blocks._set_module(trial, name, CorrectableLinear(quant, bias, init))
         began = time.perf_counter()
         result = correct_block(trial, hidden, targets, run, CorrectionConfig(**overrides))
         rows.append((label, result, time.perf_counter() - began))
@@ -101,6 +99,7 @@ def main() -> None:
             f"| {label} | {r.mse_before:.5f} | {r.mse_after:.5f} | "
             f"{r.mse_after / r.mse_before - 1:+.1%} | {r.flipped:.4%} | {seconds:.0f} |"
         )
+    lines += ["", versions_line()]
     write_text_atomic(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

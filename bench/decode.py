@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import liftq_cli  # noqa: F401  (registers the packed format with transformers)
-from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.runtime.linear import LiftQuantLinear, replace_linears
 from liftq_kernels.ops import lut_bitmm, pick_backend
 from liftq_kernels.reference import lift_ref

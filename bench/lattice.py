@@ -20,13 +20,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/lattice.py` puts bench/, not the root, on the path
+    sys.path.insert(0, str(ROOT))
 
-from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
+import torch
+from bench.environment import versions, versions_line
+
+from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.quant.lattice import (
     DEFAULT_SEARCH,
     encode,
@@ -189,6 +195,7 @@ def main() -> None:
         **{k: v for k, v in asdict(DEFAULT_SEARCH).items() if k in ("beam", "ridge", "tail")},
         "pad_work": args.pad_work,
         "torch": torch.__version__,
+        "versions": versions(),
         "sweep_slices": args.sweep_slices,
         "arguments": f"--pad-work {args.pad_work:.0e} --sweep-slices {args.sweep_slices}"
         + (f" --configs {args.configs}" if args.configs else ""),
@@ -208,7 +215,7 @@ def main() -> None:
     sweep = beam_sweep(sweep_cfg, args.sweep_slices, meta["sweep_pad_slices"])
     meta["load_end"] = round(os.getloadavg()[0], 2)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lattice.md").write_text(markdown(rows, sweep, meta))
+    (RESULTS / "lattice.md").write_text(markdown(rows, sweep, meta) + "\n" + versions_line() + "\n")
     payload = {"meta": meta, "rows": rows, "beam_sweep": sweep}
     (RESULTS / "lattice.json").write_text(json.dumps(payload, indent=2) + "\n")
     print((RESULTS / "lattice.md").read_text())

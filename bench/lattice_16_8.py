@@ -25,12 +25,18 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/lattice_16_8.py` puts bench/, not the root, first
+    sys.path.insert(0, str(ROOT))
 
-from liftq_cli.quant.configs import LatticeConfig
+import torch
+from bench.environment import versions, versions_line
+
+from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant.lattice import (
     SearchConfig,
     brute_force_encode,
@@ -184,6 +190,8 @@ def main() -> None:
         "|---|---|",
         *[f"| {r['a']:.4f} | {r['mse']:.6f} |" for r in scan],
         "",
+        versions_line(),
+        "",
     ]
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "lattice_16_8.md").write_text("\n".join(lines))
@@ -193,6 +201,7 @@ def main() -> None:
         "rotation_mse": spread,
         "magnitude_scan": scan,
         "seconds": elapsed,
+        "versions": versions(),
     }
     (RESULTS / "lattice_16_8.json").write_text(json.dumps(payload, indent=2) + "\n")
     print("\n".join(lines))

@@ -17,10 +17,16 @@ Usage: python bench/ldlq.py [--layers 3,15] [--config LQ-30/10] [--nsamples 16]
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/ldlq.py` puts bench/, not the root, on the path
+    sys.path.insert(0, str(ROOT))
+
 import torch
+from bench.environment import versions_line
 from torch import nn
 
 from liftq_cli.data.calibration import calibration_set
@@ -28,11 +34,11 @@ from liftq_cli.data.text import load_text
 from liftq_cli.io.atomic import write_text_atomic
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve
 from liftq_cli.io.weights import WeightReader
-from liftq_cli.quant import pipeline
-from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.quant import blocks
+from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.lattice import encode
 from liftq_cli.quant.lattice_catalog import load_catalog_matrix
-from liftq_cli.quant.layerwise import quantize_linear
 from liftq_cli.quant.whitening import fit_whitening
 
 RESULTS = Path(__file__).parent / "results"
@@ -41,19 +47,19 @@ AWQ = (0.0, 0.25, 0.5, 0.75)
 
 def block_inputs(folder: Path, ids: torch.Tensor, layers: list[int]):
     """Yield (layer, block, full-precision block input, run) for each requested layer."""
-    config, skeleton = pipeline.build_skeleton(folder)
+    config, skeleton = blocks.build_skeleton(folder)
     reader = WeightReader(folder)
     seqlen = ids.shape[1]
     rotary = type(skeleton.model.rotary_emb)(config=config)
     position = rotary(torch.zeros(1, seqlen, config.hidden_size), torch.arange(seqlen)[None])
 
     def run(block, hidden):
-        return pipeline._forward(block, hidden, position, 2)
+        return blocks._forward(block, hidden, position, 2)
 
     hidden = nn.functional.embedding(ids, reader.get("model.embed_tokens.weight").float())
     for layer in range(max(layers) + 1):
         block = skeleton.model.layers[layer]
-        pipeline.load_block(block, reader, f"model.layers.{layer}.")
+        blocks.load_block(block, reader, f"model.layers.{layer}.")
         if layer in layers:
             yield layer, block, hidden, run
         with torch.no_grad():
@@ -86,8 +92,8 @@ def main() -> None:
     rows = []
     began = time.perf_counter()
     for layer, block, hidden, run in block_inputs(folder, ids, layers):
-        stats = pipeline._collect_stats(block, run, hidden, 2)
-        for name, linear in pipeline.linear_kinds(block).items():
+        stats = blocks.collect_stats(block, run, hidden, 2)
+        for name, linear in blocks.linear_kinds(block).items():
             weight = linear.weight.detach().float()
             gram, act = stats[name]
             errors = {}
@@ -127,6 +133,7 @@ def main() -> None:
         f"| all | mean | {mean['plain']:.5f} | {mean['ldlq+awq']:.5f} | {mean['ldlq']:.5f} | "
         f"{mean['ldlq'] / mean['plain']:.2f} |"
     )
+    lines += ["", versions_line()]
     write_text_atomic(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

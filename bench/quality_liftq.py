@@ -20,18 +20,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.memory import lattice_matrix_bytes, packed_linear_bytes
-from liftq_cli.quant.configs import LatticeConfig
 
-LIFTQ_PENDING = "not yet available: `liftq quantize` is not registered in this checkout"
 RUN_HINT = "python bench/quality.py --rows {id}"  # what quantizes a missing liftq row
-
-
-def quantize_registered() -> bool:
-    """Whether this checkout's CLI has the `quantize` command (the liftq rows need it)."""
-    from liftq_cli.cli.app import app
-
-    return any(c.name == "quantize" for c in app.registered_commands)
 
 
 def liftq_storage_bits(
@@ -137,9 +129,6 @@ def prepare_liftq_row(
     run_file, log = work / f"{spec.id}.run.json", work / f"{spec.id}.log"
     hint = RUN_HINT.format(id=spec.id)
     if not (out / "liftq.json").is_file():
-        if not quantize_registered():
-            row.status, row.reason = "unavailable", LIFTQ_PENDING
-            return None
         if args.liftq_reuse_only:
             row.status = "unavailable"
             row.reason = f"not quantized yet: no {out.name}/ in {work} (run `{hint}`)"

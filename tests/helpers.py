@@ -10,3 +10,10 @@ def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
     assert "Traceback" not in result.output
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def calibration_text(tmp_path):
+    """A short repetitive calibration text file (enough tokens for a few 32-token windows)."""
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    return text

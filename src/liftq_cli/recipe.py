@@ -1,8 +1,9 @@
-"""Typed quantization recipe: what `liftq plan --write-recipe` writes and `liftq quantize` reads.
+"""Typed quantization recipe: what `liftq plan --write-recipe` and every `liftq quantize`
+write, and what `liftq quantize --recipe` reads.
 
 A recipe is a small YAML document with a format version:
 
-    format_version: 1
+    format_version: 2
     model: meta-llama/Meta-Llama-3-70B   # hub id, local folder or preset name
     config: LQ-23/10                     # lattice config of every quantized linear ...
     layers:                              # ... except these per-layer overrides (mixed plans)
@@ -14,27 +15,40 @@ A recipe is a small YAML document with a format version:
     kv_bits: 16
     vram_bytes: 24000000000              # the budget of the plan
     predicted_bytes: 23197707526         # the plan's predicted GPU bytes
+    quantize:                            # every stage's settings (`QuantizeSettings`)
+      calibration: {source: wiki, nsamples: 64, seqlen: 512}
+      seed: 0
+      whiten_steps: 50
+      ...
 
-`loads` validates every field (one-line `BadInputError` naming the field and the fix);
-`dumps(loads(text)) == text` for any text `dumps` wrote, and `loads(dumps(r)) == r`.
+`quantize:` maps one to one onto `quantize_job.QuantizeSettings`; missing keys take their
+defaults, so a version-1 recipe (a memory plan only, no such section) still loads and
+quantizes with today's defaults. `liftq quantize --recipe R` with no other setting reproduces
+the run that wrote R. `loads` validates every field (one-line `BadInputError` naming the field
+and the fix); `dumps(loads(text)) == text` for any text `dumps` wrote, and
+`loads(dumps(r)) == r`.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from liftq_cli.errors import BadInputError
+from liftq_cli.errors import BadInputError, LiftqError
 from liftq_cli.io.atomic import write_text_atomic
-from liftq_cli.plan.architectures import LINEAR_KINDS
+from liftq_cli.lattice_config import LatticeConfig, LatticeConfigError
+from liftq_cli.plan.architectures import LINEAR_KINDS, Architecture, linears, resolve_architecture
 from liftq_cli.plan.memory import DEFAULT_CTX, KV_BITS, PRECISIONS
-from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.plan.solver import Plan
+from liftq_cli.quantize_job import QuantizeJob, QuantizeSettings, settings_from_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)  # version 1: no `quantize:` section
 _FIELDS = (
     "format_version",
     "model",
@@ -47,6 +61,7 @@ _FIELDS = (
     "kv_bits",
     "vram_bytes",
     "predicted_bytes",
+    "quantize",
 )
 
 
@@ -64,6 +79,7 @@ class Recipe:
     kv_bits: int = 16
     vram_bytes: int | None = None
     predicted_bytes: int | None = None
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
     format_version: int = FORMAT_VERSION
 
     def config_for(self, layer: int, kind: str) -> LatticeConfig:
@@ -87,6 +103,7 @@ class Recipe:
             "kv_bits": self.kv_bits,
             "vram_bytes": self.vram_bytes,
             "predicted_bytes": self.predicted_bytes,
+            "quantize": self.quantize.to_dict(),
         }
 
 
@@ -104,7 +121,7 @@ def _config(value: Any, where: str) -> LatticeConfig:
         raise BadInputError(f"{where} = {value!r} must be a config name like LQ-24/10")
     try:
         return LatticeConfig.parse(value)
-    except BadInputError as exc:
+    except LatticeConfigError as exc:
         raise BadInputError(f"{where}: {exc}") from None
 
 
@@ -113,11 +130,13 @@ def from_dict(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, Mapping):
         raise BadInputError(f"{source} is not a YAML mapping: write `format_version: 1` etc.")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, bool) or version not in READS:
         raise BadInputError(
             f"{source}: format_version {version!r} is not supported (this liftq reads "
-            f"{FORMAT_VERSION}): re-run `liftq plan --write-recipe` or upgrade liftq"
+            f"{' and '.join(map(str, READS))}): re-run `liftq plan --write-recipe` or upgrade liftq"
         )
+    if version == 1 and "quantize" in data:
+        raise BadInputError(f"{source}: a quantize section needs format_version 2: set it")
     unknown = [str(key) for key in data if key not in _FIELDS]
     if unknown:
         raise BadInputError(
@@ -164,7 +183,8 @@ def from_dict(data: Any, source: str = "recipe") -> Recipe:
         kv_bits=kv_bits,
         vram_bytes=_positive_int(data, "vram_bytes", source, optional=True),
         predicted_bytes=_positive_int(data, "predicted_bytes", source, optional=True),
-        format_version=version,
+        quantize=settings_from_dict(data.get("quantize") or {}, source),
+        format_version=FORMAT_VERSION,
     )
 
 
@@ -196,3 +216,83 @@ def load(path: Path) -> Recipe:
 def dump(recipe: Recipe, path: Path) -> None:
     """Write the recipe atomically (temporary file, then rename)."""
     write_text_atomic(Path(path), dumps(recipe))
+
+
+def from_plan(plan: Plan, model_ref: str) -> Recipe:
+    """The plan as a recipe: the most common config plus per-layer overrides, default
+    quantize settings."""
+    counts = Counter(plan.assignment.values())
+    base: LatticeConfig = max(counts, key=lambda cfg: (counts[cfg], cfg.bits))
+    layers: dict[int, dict[str, LatticeConfig]] = {}
+    for spec in linears(plan.arch):
+        cfg = plan.assignment[spec.name]
+        if cfg != base:
+            layers.setdefault(spec.layer, {})[spec.kind] = cfg
+    s = plan.settings
+    return Recipe(
+        model=model_ref,
+        config=base,
+        layers=layers,
+        embed=s.embed,
+        lm_head=s.lm_head,
+        ctx=s.ctx,
+        batch=s.batch,
+        kv_bits=s.kv_bits,
+        vram_bytes=plan.vram_bytes,
+        predicted_bytes=plan.total_bytes,
+    )
+
+
+def for_job(job: QuantizeJob) -> Recipe:
+    """The recipe that reproduces `job`: its model, lattice, overrides and settings, with the
+    memory-plan fields of the recipe it came from (if any)."""
+    base = loads(job.recipe, "the job's recipe") if job.recipe else Recipe(job.model, job.lattice)
+    layers = {k: dict(v) for k, v in sorted(job.layers.items())}
+    return replace(base, model=job.model, config=job.lattice, layers=layers, quantize=job.settings)
+
+
+_SHAPE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "vocab_size",
+    "num_experts",
+)
+
+
+def check_model(recipe: Recipe, model: str, arch: Architecture, source: str = "recipe") -> None:
+    """Refuse a recipe planned for another model than `model` (whose shapes are `arch`).
+
+    The recipe's model may name the same weights differently (a hub id for a local folder, a
+    preset for an alias), so names that differ are compared by architecture: the recipe's
+    model is resolved offline-first (presets, folders, the hub cache) and every shape that
+    the plan and the overrides rest on must agree. A recipe whose model cannot be resolved is
+    accepted only when the names agree.
+    """
+    named = recipe.model.strip()
+    if named == model or _short(named) == _short(model):
+        return
+    try:
+        planned = resolve_architecture(named)
+    except LiftqError as exc:
+        raise BadInputError(
+            f"{source} is for model '{named}', not '{model}', and '{named}' cannot be resolved "
+            f"here to compare ({exc}): write a recipe for this model with `liftq plan --model "
+            f"{model} --write-recipe`"
+        ) from None
+    differ = [f for f in _SHAPE_FIELDS if getattr(planned, f) != getattr(arch, f)]
+    if differ:
+        diffs = ", ".join(f"{f} {getattr(planned, f)} vs {getattr(arch, f)}" for f in differ)
+        raise BadInputError(
+            f"{source} is for model '{named}', not '{model}' ({diffs}): write a recipe for this "
+            f"model with `liftq plan --model {model} --write-recipe`"
+        )
+
+
+def _short(name: str) -> str:
+    """The last path or hub-id component, lower case: '/data/Llama-3-8B' ~ 'meta/llama-3-8b'."""
+    return name.rstrip("/").rpartition("/")[2].lower()

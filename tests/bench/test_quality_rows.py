@@ -118,10 +118,9 @@ def test_folder_with_other_calibration_is_refused(tmp_path):
     assert row.status == "failed" and "delete the folder" in row.reason
 
 
-def test_missing_folder_runs_the_cli_with_the_shared_calibration(tmp_path, monkeypatch):
+def test_missing_folder_runs_the_cli_with_the_shared_calibration(tmp_path):
     calib = tmp_path / "windows.txt"
     calib.write_text("text")
-    monkeypatch.setattr(quality_liftq, "quantize_registered", lambda: True)
     seen = []
 
     def fake_cli(cmd, log, timeout):  # what `liftq quantize ... --out DIR` leaves behind
@@ -139,14 +138,9 @@ def test_missing_folder_runs_the_cli_with_the_shared_calibration(tmp_path, monke
     assert (row.quant_seconds, row.peak_rss_mb, row.reused) == (42.0, 900.0, False)
 
 
-def test_missing_folder_without_cli_or_with_reuse_only(tmp_path, monkeypatch):
+def test_missing_folder_with_reuse_only(tmp_path):
     calib = tmp_path / "windows.txt"
     calib.write_text("text")
-    monkeypatch.setattr(quality_liftq, "quantize_registered", lambda: False)
-    row = Row("liftq-2.0", "liftq", "2.0 bits")
-    assert prepare_liftq_row(spec(2.0), row, tmp_path, calib, args(), no_child, shapes()) is None
-    assert (row.status, row.reason) == ("unavailable", quality_liftq.LIFTQ_PENDING)
-    monkeypatch.setattr(quality_liftq, "quantize_registered", lambda: True)
     row = Row("liftq-2.0", "liftq", "2.0 bits")
     reuse = args(liftq_reuse_only=True)
     assert prepare_liftq_row(spec(2.0), row, tmp_path, calib, reuse, no_child, shapes()) is None
@@ -227,10 +221,9 @@ def test_merge_keeps_the_earlier_rows_this_run_did_not_measure(tmp_path):
         merged_rows([fresh], run, Namespace(calib_fingerprint="other"))
 
 
-def test_a_resumed_finetuning_run_adds_the_block_stage_time(tmp_path, monkeypatch):
+def test_a_resumed_finetuning_run_adds_the_block_stage_time(tmp_path):
     calib = tmp_path / "windows.txt"
     calib.write_text("text")
-    monkeypatch.setattr(quality_liftq, "quantize_registered", lambda: True)
 
     def fake_cli(cmd, log, timeout):  # blocks reused from the work dir: no block events
         log.write_text('{"event": "finetune", "step": 1}\n{"event": "done"}\n')

@@ -1,14 +1,22 @@
-"""`liftq lattice list|train|bench`: output, JSON and one-line errors."""
+"""`liftq lattice list|train|bench|build-catalog`: output, JSON, one-line errors and the
+catalog swap of build-catalog."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from tests.helpers import assert_one_line_error
 
-from liftq_cli.quant.configs import CATALOG_CONFIGS
-from liftq_cli.quant.lattice_catalog import load_matrix_file
+from liftq_cli.lattice_config import CATALOG_CONFIGS
+from liftq_cli.quant import lattice_catalog
+from liftq_cli.quant.lattice_catalog import CATALOG_DIR, catalog_manifest, load_matrix_file
 
 
 def test_list_json_has_every_catalog_config(cli):
@@ -96,3 +104,113 @@ def test_error_with_json_prints_json(cli):
     assert result.exit_code == 2
     payload = json.loads(result.stdout)
     assert payload["exit_code"] == 2 and "LQ-31/9" in payload["error"]
+
+
+# build-catalog: training is swapped for a one-step schedule so a build takes a second.
+
+
+@pytest.fixture
+def fast_training(monkeypatch):
+    """Catalog training at one Lloyd step on 256 slices; `calls` counts the configs."""
+    real = lattice_catalog.train_matrix
+    calls: list[str] = []
+
+    def train(cfg, train, device="cpu"):
+        calls.append(cfg.name)
+        tiny = replace(
+            train, iterations=1, samples=256, final_iterations=0, polish_iterations=0,
+            train_beam=4, search_beam=4, restarts=1,
+        )  # fmt: skip
+        return real(cfg, tiny, eval_samples=256, device=device)
+
+    monkeypatch.setattr(lattice_catalog, "train_matrix", train)
+    return calls
+
+
+@pytest.fixture
+def catalog_copy(tmp_path):
+    out = tmp_path / "catalog"
+    shutil.copytree(CATALOG_DIR, out)
+    return out
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("only", [None, "LQ-16/10,LQ-17/10"])
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_interrupted_build_leaves_the_catalog_as_it_was(
+    cli, fast_training, catalog_copy, monkeypatch, only, failure
+):
+    before = _snapshot(catalog_copy)
+    train = lattice_catalog.train_matrix
+
+    def fail_after_first(cfg, *args, **kwargs):
+        if fast_training:
+            raise failure("stop")
+        return train(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(lattice_catalog, "train_matrix", fail_after_first)
+    args = ["lattice", "build-catalog", "--out", str(catalog_copy)]
+    args += ["--only", only] if only else []
+    if failure is KeyboardInterrupt:
+        assert cli(*args).exit_code == 130
+    else:
+        with pytest.raises(RuntimeError):
+            cli(*args)
+    assert len(fast_training) == 1
+    assert _snapshot(catalog_copy) == before
+    assert sorted(p.name for p in catalog_copy.parent.iterdir()) == ["catalog"]
+
+
+def test_build_catalog_needs_out_and_writes_nothing(cli, fast_training):
+    before = _snapshot(CATALOG_DIR)
+    siblings = sorted(CATALOG_DIR.parent.iterdir())
+    result = cli("lattice", "build-catalog", "--only", "LQ-16/10")
+    assert_one_line_error(result, "pass --out DIR", "src/liftq_cli/quant/catalog", code=2)
+    assert fast_training == []
+    assert _snapshot(CATALOG_DIR) == before and sorted(CATALOG_DIR.parent.iterdir()) == siblings
+
+
+def test_only_build_keeps_the_other_entries_and_cleans_stale_staging(
+    cli, fast_training, catalog_copy
+):
+    old_tensors = load_file(str(catalog_copy / "lattice.safetensors"))
+    old_entries = json.loads((catalog_copy / "manifest.json").read_text())["entries"]
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    stale = catalog_copy.parent / f".catalog.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "lattice.safetensors").write_bytes(b"half")
+    result = cli("lattice", "build-catalog", "--out", str(catalog_copy), "--only", "LQ-16/10")
+    assert result.exit_code == 0, result.output
+    assert fast_training == ["LQ-16/10"]
+    assert sorted(p.name for p in catalog_copy.parent.iterdir()) == ["catalog"]
+    entries = catalog_manifest(catalog_copy)["entries"]
+    assert [e["name"] for e in entries] == [e["name"] for e in old_entries]
+    for old, new in zip(old_entries, entries, strict=True):
+        assert (new["name"] == "LQ-16/10") == (new != old), new["name"]
+    assert entries[[e["name"] for e in entries].index("LQ-16/10")]["iterations"] == 1
+    tensors = load_file(str(catalog_copy / "lattice.safetensors"))
+    assert tensors.keys() == old_tensors.keys()
+    for key, tensor in tensors.items():
+        assert torch.equal(tensor, old_tensors[key]) == (key != "LQ-16-10"), key
+
+
+def test_build_catalog_refuses_a_folder_that_is_not_a_catalog(cli, fast_training, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = cli("lattice", "build-catalog", "--out", str(tmp_path), "--only", "LQ-16/10")
+    assert_one_line_error(result, str(tmp_path), "notes.txt", code=2)
+    assert fast_training == [] and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_catalog_moved_aside_by_a_killed_swap_is_put_back(cli, fast_training, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    shutil.copytree(CATALOG_DIR, tmp_path / f".catalog.old.{dead.pid}")
+    out = tmp_path / "catalog"
+    result = cli("lattice", "build-catalog", "--out", str(out), "--only", "LQ-16/10")
+    assert result.exit_code == 0, result.output
+    assert len(catalog_manifest(out)["entries"]) == len(CATALOG_CONFIGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog"]

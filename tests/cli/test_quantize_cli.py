@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-from tests.helpers import assert_one_line_error
+from pathlib import Path
 
-from liftq_cli.quant.configs import LatticeConfig
-from liftq_cli.quant.run import config_for_bits
+import pytest
+from tests.helpers import assert_one_line_error, calibration_text
+
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.quant.job import config_for_bits
 
 
 def test_bits_pick_the_nearest_catalog_config():
@@ -65,38 +67,6 @@ def test_exactly_one_target(cli, tmp_path):
     assert_one_line_error(result, "exactly one of --bits, --config or --recipe")
 
 
-@pytest.fixture
-def tiny_llama(tmp_path, smollm2_folder):
-    """A 2-layer random Llama that uses SmolLM2's real tokenizer (so --calib FILE works)."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path / "tiny"
-    torch = pytest.importorskip("torch")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_folder / name, folder / name)
-    return folder
-
-
-def calibration_text(tmp_path):
-    text = tmp_path / "calib.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
-    return text
-
-
 @pytest.mark.slow
 def test_a_run_logs_each_block_and_writes_an_evaluable_folder(cli, tmp_path, tiny_llama):
     out = tmp_path / "q"
@@ -131,7 +101,7 @@ def test_json_is_one_event_per_block_then_the_summary(cli, tmp_path, tiny_llama)
 
 
 def mixed_recipe(tmp_path, layers: dict) -> str:
-    from liftq_cli.quant.configs import LatticeConfig
+    from liftq_cli.lattice_config import LatticeConfig
     from liftq_cli.recipe import Recipe, dump
 
     recipe = Recipe(
@@ -195,7 +165,7 @@ def test_finetuning_lands_in_both_files_and_a_rerun_reuses_every_stage(cli, tmp_
     report = events[-1]["finetune"]
     assert report["kept"] and report["kl_after"] < report["kl_before"]
     tuned = load_file(work / "finetune.safetensors")
-    weights = load_file(out / "model.safetensors")
+    weights = load_file(out / "liftq_unquantized.safetensors")
     codes = load_file(out / "liftq_codes.safetensors")
     norm = "model.layers.1.post_attention_layernorm.weight"
     assert torch.equal(weights[norm], tuned[norm]) and not torch.equal(tuned[norm], torch.ones(64))
@@ -207,7 +177,7 @@ def test_finetuning_lands_in_both_files_and_a_rerun_reuses_every_stage(cli, tmp_
     again = cli(*args, "--out", str(tmp_path / "q2"), *tuning)
     assert again.exit_code == 0, again.output
     assert [json.loads(x)["event"] for x in again.stdout.strip().splitlines()] == ["done"]
-    for name in ("model.safetensors", "liftq_codes.safetensors"):
+    for name in ("liftq_unquantized.safetensors", "liftq_codes.safetensors", "recipe.yaml"):
         assert (out / name).read_bytes() == (tmp_path / "q2" / name).read_bytes()
     # fine-tuning settings are not part of the block fingerprint: only that stage re-runs
     other = cli(*args, "--out", str(tmp_path / "q3"), "--finetune-steps", "2")
@@ -273,3 +243,86 @@ def test_mixed_with_a_mixed_recipe_is_refused(cli, tmp_path, tiny_llama):
     result = cli("quantize", str(tiny_llama), "--recipe", recipe, "--mixed", "--out", str(out))
     assert_one_line_error(result, "--mixed")
     assert not out.exists() and not (tmp_path / ".q.work").exists()
+
+
+def tiny_args(tmp_path) -> list[str]:
+    return ["--calib", str(calibration_text(tmp_path)), "--nsamples", "2", "--seqlen", "32"]
+
+
+@pytest.mark.slow
+def test_the_recipe_a_run_writes_reproduces_it(cli, tmp_path, tiny_llama):
+    import yaml
+
+    first = tmp_path / "q1"
+    args = ["quantize", str(tiny_llama), "--config", "LQ-24/10", "--out", str(first)]
+    args += [*tiny_args(tmp_path), "--seed", "3", "--whiten-steps", "1"]
+    args += ["--correction-steps", "2", "--no-ldlq"]
+    assert cli(*args).exit_code == 0
+    recipe = first / "recipe.yaml"
+    section = yaml.safe_load(recipe.read_text())["quantize"]
+    assert section["seed"] == 3 and section["ldlq"] is False
+    assert section["correction"]["steps"] == 2 and section["whiten_steps"] == 1
+    assert section["calibration"] == {"source": str(calibration_text(tmp_path)), "nsamples": 2,
+                                      "seqlen": 32}  # fmt: skip
+    again = tmp_path / "q2"
+    result = cli("quantize", str(tiny_llama), "--recipe", str(recipe), "--out", str(again))
+    assert result.exit_code == 0, result.output
+    for name in ("liftq_codes.safetensors", "liftq_unquantized.safetensors", "recipe.yaml"):
+        assert (first / name).read_bytes() == (again / name).read_bytes(), name
+    # a flag given beside --recipe wins, and the output's recipe says so
+    third = tmp_path / "q3"
+    result = cli(
+        "quantize", str(tiny_llama), "--recipe", str(recipe), "--out", str(third),
+        "--correction-steps", "1", "--ldlq",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    section = yaml.safe_load((third / "recipe.yaml").read_text())["quantize"]
+    assert section["correction"]["steps"] == 1 and section["ldlq"] is True
+    assert section["seed"] == 3  # the rest still comes from the recipe
+
+
+def test_a_recipe_for_another_model_is_refused_naming_both(cli, tmp_path, tiny_llama):
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "llama-3-70b-24gb.yaml"
+    out = tmp_path / "q"
+    result = cli("quantize", str(tiny_llama), "--recipe", str(recipe), "--out", str(out))
+    assert_one_line_error(result, "meta-llama/Meta-Llama-3-70B", str(tiny_llama), "hidden_size")
+    assert not out.exists() and not (tmp_path / ".q.work").exists()
+
+
+def test_a_recipe_naming_the_same_model_differently_is_accepted(cli, tmp_path, tiny_llama):
+    from liftq_cli.recipe import Recipe, dump
+
+    dump(Recipe(model="someone/tiny", config=LatticeConfig(24, 10)), tmp_path / "r.yaml")
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama), "--recipe", str(tmp_path / "r.yaml"), "--out", str(out)]
+    result = cli(*args, *tiny_args(tmp_path), "--whiten-steps", "0", "--correction-steps", "0")
+    assert result.exit_code == 0, result.output  # same last name: tiny
+
+
+@pytest.mark.slow
+def test_independent_blocks_quantize_and_resume(cli, tmp_path, tiny_llama):
+    # regression: blocks 2+ of an --independent job saved two views of one tensor and crashed
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama), "--config", "LQ-24/10", "--out", str(out)]
+    args += [*tiny_args(tmp_path), "--independent", "--whiten-steps", "0"]
+    result = cli(*args, "--correction-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "2 blocks" in result.stdout.replace("\n", "")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "fragment"),
+    [
+        ("--bits", "nan", "--bits nan is not a number"),
+        ("--whiten-steps", "-1", "--whiten-steps -1 is invalid"),
+        ("--correction-steps", "-5", "--correction-steps -5 is invalid"),
+        ("--nsamples", "0", "--nsamples 0 is invalid"),
+        ("--finetune-lr", "0", "--finetune-lr 0.0 is invalid"),
+    ],
+)
+def test_bad_numbers_fail_before_any_work(cli, tmp_path, flag, value, fragment):
+    out = tmp_path / "q"
+    target = [] if flag == "--bits" else ["--bits", "2.4"]
+    result = cli("quantize", "smollm2-135m", *target, flag, value, "--out", str(out))
+    assert_one_line_error(result, fragment)
+    assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.recipe import Recipe, dumps
 from tests.hub.fake_hub import FakeHub
 

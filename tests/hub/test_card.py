@@ -11,9 +11,9 @@ from liftq_cli.hub.card import BaseInfo, quantization, render_card
 from liftq_cli.hub.folder import BUNDLED_BASES, base_model_id, read_folder
 from liftq_cli.hub.upload import describe_base
 from liftq_cli.io.checkpoints import ALIASES
+from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.architectures import from_hf_config, linears
 from liftq_cli.plan.memory import MemorySettings, kv_cache_bytes, model_breakdown, uniform
-from liftq_cli.quant.configs import LatticeConfig
 from tests.hub.fixtures import (
     KINDS,
     TINY_CONFIG,

@@ -18,12 +18,10 @@ from liftq_cli.io.packed_format import (
     FORMAT_VERSION,
     lattice_key,
     linear_tensors,
-    packed_linear_bytes,
-    whitening_factors,
 )
+from liftq_cli.io.quantized import read_quantized
 from liftq_cli.plan.architectures import from_hf_config, linears
 from liftq_cli.plan.memory import MemorySettings, model_breakdown
-from liftq_cli.quant.whitening import kron_factors
 
 REAL_QUANT = Path(os.environ.get("LIFTQ_SMOLLM2_QUANT", "/work/out/smollm2-LQ-24-10"))
 
@@ -38,11 +36,11 @@ def packed(tmp_path_factory):
 
 def test_pack_then_unpack_returns_every_code_bit(packed):
     quant, out, _ = packed
-    codes = load_file(quant / "liftq_codes.safetensors")
+    quantized = read_quantized(quant)
     unpacked = unpack_codes(out)
     assert len(unpacked) == 14
     for key, bits in unpacked.items():
-        assert torch.equal(bits, codes[f"{key}.codes"]), key
+        assert torch.equal(bits, quantized.linear_state(key)["codes"]), key
 
 
 def test_file_holds_the_format_tensors(packed):
@@ -99,15 +97,9 @@ def test_effective_bits_are_nominal_plus_reported_overhead(packed):
     assert bits.overhead_bits["padding"] > 0
 
 
-def test_formula_factor_pair_is_the_quantizer_pair():
-    for n in (1, 23, 30, 48, 576, 1536, 4096, 11008):
-        assert whitening_factors(n) == kron_factors(n)
-    assert packed_linear_bytes(576, 1536, ATTN)["codes"] == 576 * -(-(-(-1536 // 5) * 8) // 32) * 4
-
-
 def test_refuses_incomplete_or_misplaced_input(packed, tmp_path):
     quant, _, _ = packed
-    with pytest.raises(BadInputError, match="has no liftq_codes.safetensors"):
+    with pytest.raises(BadInputError, match="has no liftq.json"):
         pack_quantized(quant.parent / "fp", tmp_path / "x")
     with pytest.raises(BadInputError, match="inside QUANT_DIR"):
         pack_quantized(quant, quant / "packed")

@@ -1,25 +1,25 @@
-"""Memory model: unit parsing, the packed layout in bytes, embeddings, KV cache."""
+"""Memory model: unit parsing, model breakdown, embeddings, KV cache.
+
+The packed layout's byte formulas are tested in tests/io/test_packed_format.py.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 from liftq_cli.errors import BadInputError
+from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.architectures import linears, resolve_architecture
 from liftq_cli.plan.memory import (
     GIB,
     MIB,
     MemorySettings,
     kv_cache_bytes,
-    lattice_matrix_bytes,
     matrix_bytes,
     model_breakdown,
-    packed_linear_bytes,
     parse_size,
     uniform,
-    whitening_factors,
 )
-from liftq_cli.quant.configs import LatticeConfig
 
 LQ24_10 = LatticeConfig(24, 10)
 
@@ -52,36 +52,6 @@ def test_parse_size_rejects(text):
 def test_parse_size_minimum_catches_a_forgotten_unit():
     with pytest.raises(BadInputError, match=r"only 24 bytes: add a unit, e\.g\. 24GB"):
         parse_size("24", "--vram", minimum=64 * MIB)
-
-
-@pytest.mark.parametrize(
-    ("n", "pair"),
-    [(4096, (64, 64)), (1536, (32, 48)), (11008, (86, 128)), (8192, (64, 128)), (4099, (1, 4099))],
-)
-def test_whitening_factors(n, pair):
-    assert whitening_factors(n) == pair
-
-
-def test_packed_linear_bytes_by_hand():
-    # 4096 inputs at LQ-24/10: 410 slices x 24 bits = 9840 bits -> 308 words -> 1232 B per row.
-    assert packed_linear_bytes(4096, 4096, LQ24_10) == {
-        "codes": 4096 * 1232,
-        "scales": 2 * 4096,
-        "whitening": 2 * (2 * 4096 + 64 * 64 + 64 * 64),
-    }
-    # SmolLM2 down_proj (576 x 1536) at LQ-20/8: 192 slices x 20 bits = 3840 bits = 120 words.
-    assert packed_linear_bytes(576, 1536, LatticeConfig(20, 8)) == {
-        "codes": 576 * 480,
-        "scales": 1152,
-        "whitening": 2 * (3072 + 32 * 32 + 48 * 48),
-    }
-    assert lattice_matrix_bytes(LQ24_10) == 4 * 10 * 24  # float32 M (packed format v1)
-
-
-def test_codes_cost_the_nominal_bits():
-    for cfg in (LatticeConfig(16, 10), LQ24_10, LatticeConfig(32, 10), LatticeConfig(30, 14)):
-        codes = packed_linear_bytes(8192, 28672, cfg)["codes"]
-        assert abs(codes * 8 / (8192 * 28672) / cfg.bits - 1) < 0.002
 
 
 def test_breakdown_sums_and_weights():

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 
 from liftq_cli.errors import BadInputError
+from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.architectures import linears, resolve_architecture
 from liftq_cli.plan.memory import MemorySettings
-from liftq_cli.plan.report import to_recipe
 from liftq_cli.plan.solver import plan_mixed, plan_uniform
-from liftq_cli.quant.configs import LatticeConfig
-from liftq_cli.recipe import FORMAT_VERSION, Recipe, dump, dumps, load, loads
+from liftq_cli.recipe import FORMAT_VERSION, Recipe, dump, dumps, from_plan, load, loads
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +19,11 @@ def arch():
 
 def test_uniform_recipe_round_trips(arch, tmp_path):
     plan = plan_uniform(arch, 6_000_000_000, MemorySettings())
-    recipe = to_recipe(plan, "meta-llama/Meta-Llama-3-8B")
+    recipe = from_plan(plan, "meta-llama/Meta-Llama-3-8B")
     assert recipe.config == plan.config and recipe.layers == {}
     assert recipe.predicted_bytes == plan.total_bytes and recipe.format_version == FORMAT_VERSION
     text = dumps(recipe)
-    assert text.startswith("format_version: 1\nmodel: meta-llama/Meta-Llama-3-8B\n")
+    assert text.startswith("format_version: 2\nmodel: meta-llama/Meta-Llama-3-8B\n")
     assert loads(text) == recipe and dumps(loads(text)) == text
     target = tmp_path / "sub" / "r.yaml"
     dump(recipe, target)
@@ -35,11 +34,11 @@ def test_uniform_recipe_round_trips(arch, tmp_path):
 
 def test_mixed_recipe_round_trips_every_linear(arch):
     plan = plan_mixed(arch, 4_200_000_000, MemorySettings())
-    recipe = loads(dumps(to_recipe(plan, "m")))
+    recipe = loads(dumps(from_plan(plan, "m")))
     assert recipe.layers  # mixed plans carry overrides
     for spec in linears(arch):
         assert recipe.config_for(spec.layer, spec.kind) == plan.assignment[spec.name]
-    assert dumps(recipe) == dumps(to_recipe(plan, "m"))
+    assert dumps(recipe) == dumps(from_plan(plan, "m"))
 
 
 def test_defaults_fill_optional_fields():
@@ -50,7 +49,7 @@ def test_defaults_fill_optional_fields():
 @pytest.mark.parametrize(
     ("text", "fragment"),
     [
-        ("format_version: 2\nmodel: x\nconfig: LQ-24/10\nctx: 1\n", "format_version 2"),
+        ("format_version: 3\nmodel: x\nconfig: LQ-24/10\nctx: 1\n", "format_version 3"),
         ("model: x\nconfig: LQ-24/10\nctx: 1\n", "format_version None"),
         ("format_version: 1\nmodel: x\nconfig: LQ-24/10\nctx: 1\nbits: 2\n", "unknown field"),
         ("format_version: 1\nmodel: x\nconfig: LQ-9/10\nctx: 1\n", "D must exceed d"),

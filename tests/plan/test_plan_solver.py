@@ -7,6 +7,7 @@ import re
 import pytest
 
 from liftq_cli.errors import BadInputError, DoesNotFitError
+from liftq_cli.lattice_config import CATALOG_CONFIGS
 from liftq_cli.plan.architectures import resolve_architecture
 from liftq_cli.plan.memory import GIB, MemorySettings
 from liftq_cli.plan.solver import (
@@ -17,7 +18,6 @@ from liftq_cli.plan.solver import (
     prior_sensitivity,
     uniform_candidates,
 )
-from liftq_cli.quant.configs import CATALOG_CONFIGS
 
 # The budgets below sit between ladder levels at ctx 4096 (the default until the default
 # became the paper's ctx 2048); test_default_ctx_is_the_papers covers the default itself.

@@ -2,23 +2,17 @@
 
 import pytest
 import torch
-from tests.quant.test_layerwise import brute_force_encode, tiny_matrix
+from tests.quant.test_encode import brute_force_encode, tiny_matrix
 from tests.quant.tiny_job import tiny_config
 from transformers import LlamaForCausalLM
 
 from liftq_cli.errors import BadInputError
-from liftq_cli.io.quantized import _retuned
-from liftq_cli.quant.configs import LatticeConfig
-from liftq_cli.quant.finetune import (
-    FinetuneConfig,
-    attach,
-    finetune,
-    norm_weights,
-    token_kl,
-    tuned_tensors,
-)
-from liftq_cli.quant.layerwise import quantize_linear
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.quant.encode import quantize_linear
+from liftq_cli.quant.finetune import attach, finetune, norm_weights, token_kl, tuned_tensors
+from liftq_cli.quant.reconstruct import QuantizedLinear
 from liftq_cli.quant.whitening import init_whitening
+from liftq_cli.quantize_job import FinetuneConfig
 
 CFG = LatticeConfig(8, 4)
 
@@ -71,8 +65,11 @@ def test_finetuning_lowers_the_kl_and_exports_what_it_trained():
     changed = [k for k, v in norms if not torch.equal(v, torch.ones_like(v))]
     assert changed and all(k in tensors for k in changed)
     for name, module in tuned.items():
-        # what the writer rebuilds from the saved tensors is the weight the student used
-        rebuilt = _retuned(quantized[name], name, tensors)
+        # the output stores the tuned scale, s1, s2 in place of the block stage's: the weight
+        # rebuilt from them is the weight the student used
+        q = quantized[name]
+        tuned_state = {**q.state(), **{p: tensors[f"{name}.{p}"] for p in ("scale", "s1", "s2")}}
+        rebuilt = QuantizedLinear.from_state(tuned_state, q.cfg, q.matrix)
         torch.testing.assert_close(rebuilt.dequantize(), module.weight().detach())
         assert torch.equal(rebuilt.codes, quantized[name].codes)  # codes never move
     assert any(not torch.equal(tensors[f"{n}.scale"], q.scale) for n, q in quantized.items()), (

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from liftq_cli.errors import BadInputError
-from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
+from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig, LatticeConfigError
 from liftq_cli.quant.lattice import (
     SearchConfig,
     brute_force_encode,
@@ -311,7 +311,7 @@ def test_catalog_16_8_is_the_block_matrix():
     [(8, 10, "LQ-8/10"), (10, 10, "LQ-10/10"), (33, 10, "at most 32"), (4, 0, "d=0")],
 )
 def test_bad_config_is_a_clear_error(D, d, fragment):
-    with pytest.raises(BadInputError, match=fragment):
+    with pytest.raises(LatticeConfigError, match=fragment):
         LatticeConfig(D, d)
 
 

@@ -23,7 +23,7 @@ def peak_rss_mib(tmp_path: Path, layers: int) -> float:
     child = subprocess.Popen(script, cwd=ROOT)
     _, status, usage = os.wait4(child.pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert (tmp_path / f"out{layers}" / "model.safetensors").is_file()
+    assert (tmp_path / f"out{layers}" / "liftq_codes.safetensors").is_file()
     return usage.ru_maxrss / 1024  # Linux reports KiB
 
 

@@ -6,18 +6,19 @@ import sys
 from pathlib import Path
 
 import torch
-from tests.quant.test_layerwise import brute_force_encode, tiny_matrix
+from tests.quant.test_encode import brute_force_encode, tiny_matrix
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from liftq_cli.io.quantized import write_quantized
-from liftq_cli.quant.block_correction import CorrectionConfig
-from liftq_cli.quant.configs import LatticeConfig
-from liftq_cli.quant.pipeline import QuantizeOptions, quantize_blocks
+from liftq_cli.io.workdir import WorkDir
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.quant.blocks import quantize_blocks
+from liftq_cli.quantize_job import CorrectionConfig, QuantizeSettings
 
 CFG = LatticeConfig(8, 4)
 MATRIX = tiny_matrix(8, 4)
-OPTIONS = QuantizeOptions(whiten_steps=5, correction=CorrectionConfig(steps=10, batch=2))
-FAST = QuantizeOptions(whiten_steps=0, correction=CorrectionConfig(steps=1, batch=2))
+OPTIONS = QuantizeSettings(whiten_steps=5, correction=CorrectionConfig(steps=10, batch=2))
+FAST = QuantizeSettings(whiten_steps=0, correction=CorrectionConfig(steps=1, batch=2))
 
 
 def tiny_config(layers: int, hidden: int = 32) -> LlamaConfig:
@@ -43,7 +44,7 @@ def run_job(
     out: Path,
     layers: int,
     delay: float = 0.0,
-    options: QuantizeOptions = OPTIONS,
+    options: QuantizeSettings = OPTIONS,
 ) -> None:
     import time
 
@@ -56,14 +57,14 @@ def run_job(
         folder,
         lambda *_: CFG,
         ids,
-        work,
+        WorkDir(work),
         lambda _c: MATRIX,
         brute_force_encode,
         options,
         {"job": "tiny"},
         progress=slow,
     )
-    write_quantized(folder, work, out, layers, lambda _c: MATRIX, {"job": "tiny"})
+    write_quantized(folder, WorkDir(work), out, layers, lambda _c: MATRIX, {"job": "tiny"}, "")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tests.runtime.tiny_packed import one_thread, quant_dir
 
 from liftq_cli.io.packed import pack_quantized
 from liftq_cli.runtime.linear import LiftQuantLinear
+from liftq_cli.runtime.quantized import dequantized_state, load_quantized_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,9 +55,9 @@ def test_packed_model_tracks_the_unpacked_quantized_model(folders, tmp_path):
     from transformers import AutoModelForCausalLM
 
     quant, packed = folders
-    fake = AutoModelForCausalLM.from_pretrained(quant).eval()
+    fake = load_quantized_model(quant)
     model = AutoModelForCausalLM.from_pretrained(packed).eval()
-    dense = load_file(quant / "model.safetensors")
+    dense = dequantized_state(quant)
     swapped = {n: m for n, m in model.named_modules() if isinstance(m, LiftQuantLinear)}
     assert len(swapped) == 14
     for name, module in swapped.items():

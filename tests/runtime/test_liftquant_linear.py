@@ -6,11 +6,11 @@ import os
 
 import pytest
 import torch
-from tests.quant.test_layerwise import brute_force_encode, tiny_matrix
+from tests.quant.test_encode import brute_force_encode, tiny_matrix
 
 from liftq_cli.io.packed import pack_linear
-from liftq_cli.quant.configs import LatticeConfig
-from liftq_cli.quant.layerwise import quantize_linear
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.whitening import init_whitening
 from liftq_cli.runtime.linear import LatticeBank, LiftQuantLinear, replace_linears
 
@@ -31,7 +31,7 @@ def packed_layer(out_features: int, in_features: int, bias: bool = False):
     bank = LatticeBank([CFG])
     bank.D8_d4.copy_(q.matrix.half())
     layer = LiftQuantLinear(in_features, out_features, CFG, bank, bias=bias)
-    for name, tensor in pack_linear(q.state("w."), "w.", CFG).items():
+    for name, tensor in pack_linear({f"w.{k}": v for k, v in q.state().items()}, "w.", CFG).items():
         getattr(layer, name).copy_(tensor)
     if bias:
         layer.bias.data = torch.randn(out_features, generator=g)

@@ -13,13 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tests.quant.test_layerwise import brute_force_encode, tiny_matrix
+from tests.quant.test_encode import brute_force_encode, tiny_matrix
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from liftq_cli.io.quantized import write_quantized
-from liftq_cli.quant.block_correction import CorrectionConfig
-from liftq_cli.quant.configs import LatticeConfig
-from liftq_cli.quant.pipeline import QuantizeOptions, quantize_blocks
+from liftq_cli.io.workdir import WorkDir
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.quant.blocks import quantize_blocks
+from liftq_cli.quantize_job import CorrectionConfig, QuantizeSettings
 
 ATTN = LatticeConfig(8, 5)
 MLP = LatticeConfig(9, 4)
@@ -86,12 +87,19 @@ def quant_dir(root: Path) -> Path:
     fp, work, out = root / "fp", root / "work", root / "quant"
     make_fp_model(fp)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
-    options = QuantizeOptions(whiten_steps=0, correction=CorrectionConfig(steps=0))
+    options = QuantizeSettings(whiten_steps=0, correction=CorrectionConfig(steps=0))
     with one_thread():
         quantize_blocks(
-            fp, config_for, ids, work, MATRICES.__getitem__, brute_force_encode, options, {"t": 1}
+            fp,
+            config_for,
+            ids,
+            WorkDir(work),
+            MATRICES.__getitem__,
+            brute_force_encode,
+            options,
+            {"t": 1},
         )
-        write_quantized(fp, work, out, LAYERS, MATRICES.__getitem__, {"job": "tiny"})
+        write_quantized(fp, WorkDir(work), out, LAYERS, MATRICES.__getitem__, {"job": "tiny"}, "")
     shutil.rmtree(work)
     _BUILT[root] = out
     return out

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from liftq_cli.errors import LiftqError
+from liftq_cli.lattice_config import LatticeConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,7 +32,7 @@ console = _console()
 err_console = _console(stderr=True)
 
 
-def fail(exc: LiftqError, as_json: bool = False) -> typer.Exit:
+def fail(exc: LiftqError | LatticeConfigError, as_json: bool = False) -> typer.Exit:
     """Print the one-line error (and a JSON object with --json); return the Exit to raise."""
     message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -47,7 +48,7 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except LiftqError as exc:
+        except (LiftqError, LatticeConfigError) as exc:
             raise fail(exc, bool(kwargs.get("as_json"))) from None
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import typer
 
-from liftq_cli import __version__
 from liftq_cli.cli import eval as eval_cmd
 from liftq_cli.cli import lattice as lattice_cmd
 from liftq_cli.cli import pack as pack_cmd
 from liftq_cli.cli import plan as plan_cmd
 from liftq_cli.cli import push as push_cmd
 from liftq_cli.cli import quantize as quantize_cmd
+from liftq_cli.version import __version__
 
 app = typer.Typer(
     name="liftq",

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from liftq_cli.cli._common import console, emit_json, handle_errors, interactive, progress_bar
 from liftq_cli.errors import BadInputError
-from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
+from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.quant.lattice import (
     SearchConfig,
     encode,
@@ -20,12 +20,10 @@ from liftq_cli.quant.lattice import (
     rate_distortion_bound,
 )
 from liftq_cli.quant.lattice_catalog import (
-    CATALOG_DIR,
-    build_catalog,
+    build_catalog_into,
     catalog_manifest,
     catalog_search,
     load_catalog_matrix,
-    save_catalog,
     save_matrix_file,
 )
 from liftq_cli.quant.lattice_train import TrainConfig, TrainResult, held_out_sample, train_matrix
@@ -199,10 +197,17 @@ def bench_command(
     console.print(table)
 
 
+OUT_HELP = (
+    "Catalog folder to write (required): a new folder or an existing catalog, replaced only "
+    "once every config is trained. To rebuild the shipped catalog, from a checkout: "
+    "--out src/liftq_cli/quant/catalog."
+)
+
+
 @lattice_app.command("build-catalog")
 @handle_errors
 def build_catalog_command(
-    out: Path = typer.Option(CATALOG_DIR, "--out", help="Catalog folder to (re)write."),
+    out: Path | None = typer.Option(None, "--out", help=OUT_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed for every config."),
     only: str | None = typer.Option(
         None, "--only", help="Comma-separated configs to retrain, keeping the others."
@@ -212,27 +217,31 @@ def build_catalog_command(
 ) -> None:
     """Retrain every catalog matrix reproducibly and write safetensors + manifest.json.
 
-    The shipped catalog was built on CPU (two processes with --only and separate --out
-    folders, then merged; about an hour on 2 busy cores); --device cuda takes minutes.
+    The build goes to a staging folder next to --out and replaces --out only at the end:
+    an interrupted build leaves it as it was. The shipped catalog was built on CPU (two
+    processes with --only and separate --out folders, then merged; about an hour on 2 busy
+    cores); --device cuda takes minutes.
     """
+    if out is None:
+        raise BadInputError(
+            "build-catalog writes a catalog folder: pass --out DIR (to rebuild the shipped "
+            "catalog, from a checkout: --out src/liftq_cli/quant/catalog)"
+        )
     configs = [LatticeConfig.parse(name) for name in only.split(",")] if only else CATALOG_CONFIGS
     device = _device(device)
 
-    saved: list[TrainResult] = []
-
     def done(result: TrainResult) -> None:
-        # Saved after every config, so an interrupted build keeps what it finished.
-        save_catalog([result], out, merge=bool(only) or bool(saved))
-        saved.append(result)
         if not as_json:
             console.print(
                 f"{result.config.name}: MSE {result.mse:.5f} in {result.seconds:.0f} s",
                 highlight=False,
             )
 
-    build_catalog(configs, seed=seed, on_done=done, device=device)
+    results = build_catalog_into(
+        out, configs, seed=seed, keep_others=bool(only), on_done=done, device=device
+    )
     if as_json:
-        emit_json({"out": str(out), "entries": [r.manifest_entry() for r in saved]})
+        emit_json({"out": str(out), "entries": [r.manifest_entry() for r in results]})
 
 
 def register(app: typer.Typer) -> None:

@@ -19,10 +19,9 @@ from liftq_cli.plan.report import (
     models_payload,
     models_table,
     plan_payload,
-    to_recipe,
 )
 from liftq_cli.plan.solver import parse_sensitivity, plan_mixed, plan_uniform
-from liftq_cli.recipe import dump
+from liftq_cli.recipe import dump, from_plan
 
 
 def _read_sensitivity(path: Path) -> object:
@@ -117,7 +116,7 @@ def plan(
         result = plan_uniform(arch, vram_bytes, settings)
     ref = model_reference(model)
     if write_recipe is not None:
-        dump(to_recipe(result, ref), write_recipe)
+        dump(from_plan(result, ref), write_recipe)
     if as_json:
         payload = plan_payload(result, ref, vram, str(sensitivity) if sensitivity else None)
         if write_recipe is not None:

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import torch
 
-from liftq_cli import __version__
 from liftq_cli.data.calibration import tokenize
 from liftq_cli.data.text import load_text
 from liftq_cli.errors import BadInputError
 from liftq_cli.evaluate.divergence import DivergenceResult, divergence
 from liftq_cli.evaluate.perplexity import PerplexityResult, perplexity
 from liftq_cli.io.checkpoints import LoadedModel, load_model
+from liftq_cli.io.quantized import is_quantized_folder
+from liftq_cli.version import __version__
 
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
 
@@ -96,7 +97,7 @@ def evaluate(
         raise BadInputError(f"--batch-size {batch_size} must be at least 1")
     texts = [load_text(name, data_dir) for name in datasets]  # fail fast on a bad name
     start = time.perf_counter()
-    loaded = load_model(model_spec)
+    loaded = _load(model_spec)
     bos_id = loaded.tokenizer.bos_token_id if bos else None
     if bos and bos_id is None:
         raise BadInputError(f"model '{model_spec}' has no BOS token: drop --bos")
@@ -121,9 +122,18 @@ def evaluate(
     return report
 
 
+def _load(spec: str) -> LoadedModel:
+    """A model spec, or a `liftq quantize` output (its weights reconstructed in memory)."""
+    if is_quantized_folder(Path(spec).expanduser()):
+        from liftq_cli.runtime.quantized import load_quantized
+
+        return load_quantized(Path(spec).expanduser())
+    return load_model(spec)
+
+
 def _load_reference(spec: str, loaded: LoadedModel) -> torch.nn.Module:
     """The --kld-ref model; it must share the evaluated model's tokenizer vocabulary."""
-    ref = load_model(spec)
+    ref = _load(spec)
     if ref.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
         raise BadInputError(
             f"--kld-ref '{spec}' has a different tokenizer vocabulary from the model: pass the "

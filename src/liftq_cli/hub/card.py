@@ -16,12 +16,12 @@ from typing import Any
 
 import yaml
 
-from liftq_cli import __version__
 from liftq_cli.errors import BadInputError
 from liftq_cli.hub.folder import FolderInfo
+from liftq_cli.lattice_config import LatticeConfig, LatticeConfigError
 from liftq_cli.plan.architectures import LINEAR_KINDS, Architecture, from_hf_config, linears
 from liftq_cli.plan.memory import MemorySettings, format_bytes, model_breakdown, quantized_bytes
-from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.version import __version__
 
 CONTEXTS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
 _LINEAR_NAME = re.compile(
@@ -69,7 +69,7 @@ def linear_configs(info: FolderInfo) -> dict[tuple[int, str], LatticeConfig]:
                     continue
                 try:
                     found[(int(match.group(1)), match.group(2))] = LatticeConfig.parse(text)
-                except BadInputError:
+                except LatticeConfigError:
                     continue
             if found:
                 return found
@@ -130,7 +130,7 @@ def quantization(info: FolderInfo) -> Quantization:
     if name is not None:
         try:
             default = LatticeConfig.parse(name)
-        except BadInputError:
+        except LatticeConfigError:
             default = None
     arch = _architecture(info)
     settings = _recipe_settings(info)

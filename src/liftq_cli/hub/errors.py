@@ -5,11 +5,13 @@ transport errors come from its HTTP stack): a 401 or 403 is bad input (exit 2, f
 token or the namespace), a revision that does not exist too, any other HTTP status or a
 network failure a resource error (exit 4). Each message names the step that failed and says
 what was (not) committed; the token is scrubbed from any server text that is quoted.
+`stage` wraps one hub call in that mapping: `with stage("committing", ctx): ...`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from liftq_cli.errors import BadInputError, LiftqError, ResourceError
@@ -116,3 +118,20 @@ def hub_error(exc: BaseException, ctx: HubContext, nothing: str | None = None) -
         f"{ctx.stage} failed ({type(exc).__name__}: {detail(exc, ctx.token)}): {nothing}; "
         "re-run the same command to retry"
     )
+
+
+@contextmanager
+def stage(
+    name: str, ctx: HubContext, nothing: str | Callable[[], str] | None = None
+) -> Iterator[None]:
+    """Run one step of a push as `ctx.stage = name`; any failure becomes its one-line error.
+
+    `nothing` says what was (not) committed, default `ctx.nothing_done()`; a callable is
+    asked only after a failure (e.g. to re-read the branch head after a failed commit).
+    """
+    ctx.stage = name
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - classified into a one-line error
+        said = nothing() if callable(nothing) else nothing
+        raise hub_error(exc, ctx, nothing=said) from None

@@ -23,14 +23,15 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from liftq_cli import __version__
 from liftq_cli.errors import BadInputError, ResourceError
 from liftq_cli.hub.card import BaseInfo
-from liftq_cli.hub.errors import TOKEN_PAGE, HubContext, detail, error_chain, hub_error
+from liftq_cli.hub.errors import TOKEN_PAGE, HubContext, detail, error_chain, stage
 from liftq_cli.hub.folder import CARD_FILENAME, FolderInfo, known_license
+from liftq_cli.version import __version__
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 _REVISION = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]*$")
@@ -192,11 +193,8 @@ class PushResult:
 
 
 def _check_auth(api: Any, ctx: HubContext) -> str:
-    ctx.stage = "checking the token"
-    try:
+    with stage("checking the token", ctx):
         me = api.whoami()
-    except Exception as exc:  # noqa: BLE001 - classified into a one-line error
-        raise hub_error(exc, ctx) from None
     role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise BadInputError(
@@ -208,14 +206,13 @@ def _check_auth(api: Any, ctx: HubContext) -> str:
 
 def _verify(api: Any, info: FolderInfo, ctx: HubContext, commit: str) -> dict[str, Any]:
     """Read config.json back at `commit` and compare it with the local one."""
-    ctx.stage = "reading config.json back"
     done = f"commit {commit[:7]} is on {ctx.repo_id}"
-    try:
-        with tempfile.TemporaryDirectory(prefix="liftq-verify-") as tmp:
-            path = api.hf_hub_download(ctx.repo_id, "config.json", revision=commit, cache_dir=tmp)
-            remote = json.loads(Path(path).read_text(encoding="utf-8"))
-    except Exception as exc:  # noqa: BLE001 - classified into a one-line error
-        raise hub_error(exc, ctx, nothing=f"{done} but could not be checked") from None
+    with (
+        stage("reading config.json back", ctx, nothing=f"{done} but could not be checked"),
+        tempfile.TemporaryDirectory(prefix="liftq-verify-") as tmp,
+    ):
+        path = api.hf_hub_download(ctx.repo_id, "config.json", revision=commit, cache_dir=tmp)
+        remote = json.loads(Path(path).read_text(encoding="utf-8"))
     local_qc = info.quantization_config
     remote_qc = remote.get("quantization_config") if isinstance(remote, dict) else None
     if remote_qc != local_qc:
@@ -263,53 +260,39 @@ def push(
     warnings: list[str] = []
     with _hub_output(show_progress):
         user = _check_auth(api, ctx)
-        ctx.stage = "looking up the repo"
-        try:
-            existing = api.repo_info(repo_id)
-            created, visibility = False, existing.private
-        except RepositoryNotFoundError:
-            existing = None
-        except Exception as exc:  # noqa: BLE001 - classified into a one-line error
-            raise hub_error(exc, ctx) from None
-        if existing is None:
-            ctx.stage = "creating the repo"
+        with stage("looking up the repo", ctx):
             try:
+                existing = api.repo_info(repo_id)
+                created, visibility = False, existing.private
+            except RepositoryNotFoundError:
+                existing = None
+        if existing is None:
+            with stage("creating the repo", ctx):
                 api.create_repo(repo_id, private=private, exist_ok=True)
-            except Exception as exc:  # noqa: BLE001 - classified into a one-line error
-                raise hub_error(exc, ctx) from None
             created, visibility, ctx.created = True, private, True
         elif private and not visibility:
             warnings.append(
                 f"{repo_id} already exists and is public: --private does not change it "
                 "(change it in the repo settings)"
             )
-        try:
-            if revision != "main":
-                ctx.stage = f"creating branch '{revision}'"
+        if revision != "main":
+            with stage(f"creating branch '{revision}'", ctx):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            ctx.stage = "reading the branch head"
+        with stage("reading the branch head", ctx):
             head = api.repo_info(repo_id, revision=revision).sha
-        except Exception as exc:  # noqa: BLE001 - classified into a one-line error
-            raise hub_error(exc, ctx) from None
         additions = [
             CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.local))
             for f in info.files
         ]
         additions.append(CommitOperationAdd(CARD_FILENAME, card.encode("utf-8")))
-        ctx.stage = f"uploading {len(additions)} files"
-        try:
+        with stage(f"uploading {len(additions)} files", ctx):
             api.preupload_lfs_files(repo_id, additions=additions, revision=revision)
-        except Exception as exc:  # noqa: BLE001 - classified into a one-line error
-            raise hub_error(exc, ctx) from None
-        ctx.stage = "committing"
         summary = message or f"Upload {info.folder.name} with liftq {__version__}"
-        try:
+        after = partial(_after_failed_commit, api, ctx, revision, head)  # asked on failure only
+        with stage("committing", ctx, nothing=after):
             commit = api.create_commit(
                 repo_id, operations=additions, commit_message=summary, revision=revision
             )
-        except Exception as exc:  # noqa: BLE001 - classified into a one-line error
-            nothing = _after_failed_commit(api, ctx, revision, head)
-            raise hub_error(exc, ctx, nothing=nothing) from None
         verified = _verify(api, info, ctx, commit.oid)
     base_url = f"{endpoint()}/{repo_id}"
     files = [{"path": f.path_in_repo, "bytes": f.size} for f in info.files]

@@ -1,10 +1,10 @@
 """Write and read packed LiftQuant checkpoints (`liftq pack`), format in `io.packed_format`.
 
-`pack_quantized` turns the folder `liftq quantize` writes (fp32 fake-quant weights plus
-`liftq_codes.safetensors`) into a Hugging Face folder whose `model.safetensors` holds, for every
-quantized linear, the bit-packed sign codes, fp16 row scales and fp16 whitening factors, each
-used lattice matrix once (float32), and every other tensor (embeddings, norms, biases) at
-`dtype`.
+`pack_quantized` turns the folder `liftq quantize` writes (io/quantized.py: bit-packed codes,
+float32 scales and whitening factors, the unquantized tensors) into a Hugging Face folder
+whose `model.safetensors` holds, for every quantized linear, the bit-packed sign codes, fp16
+row scales and fp16 whitening factors, each used lattice matrix once (float32), and every
+other tensor (embeddings, norms, biases) at `dtype`.
 `config.json` gains the `quantization_config` that makes `from_pretrained` build
 `LiftQuantLinear` layers. The output is written atomically.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-from liftq_cli import __version__
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.atomic import atomic_dir
+from liftq_cli.io.codes import pack_codes
 from liftq_cli.io.packed_format import (
     FORMAT_VERSION,
     LATTICE_MODULE,
@@ -40,11 +40,13 @@ from liftq_cli.io.packed_format import (
     parse_quantization_config,
     quantization_config,
 )
+from liftq_cli.io.quantized import QuantizedFolder, read_quantized, require
 from liftq_cli.io.safetensors_stream import DTYPES_BY_NAME, TensorSpec, write_streaming
-from liftq_cli.quant.configs import LatticeConfig
-from liftq_kernels.reference import pack_bits, unpack_bits
+from liftq_cli.io.workdir import LINEAR_STATE
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.version import __version__
+from liftq_kernels.reference import unpack_bits
 
-CODES_FILE = "liftq_codes.safetensors"
 META_FILE = "liftq.json"
 COPIED = (
     "generation_config.json",
@@ -55,8 +57,7 @@ COPIED = (
     "tokenizer.model",
 )
 OTHER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-PACK_ROWS = 4096  # rows bit-packed at a time (bounds the int64 scratch of pack_bits)
-SOURCE_TENSORS = ("codes", "scale", "s1", "p1", "p2", "s2")  # per linear in liftq_codes
+SOURCE_TENSORS = LINEAR_STATE  # per linear in the quantize output (bool codes in memory)
 TORCH_DTYPES = {"int32": torch.int32, "float16": torch.float16, "float32": torch.float32}
 PARTS = ("codes", "scales", "whitening", "lattice_matrices", "unquantized", "header")
 
@@ -92,15 +93,6 @@ class PackReport:
                 "effective": self.bits.effective_bits,
             },
         }
-
-
-def _require(folder: Path, name: str) -> Path:
-    path = folder / name
-    if not path.is_file():
-        raise BadInputError(
-            f"'{folder}' has no {name}: pass the folder `liftq quantize --out` wrote"
-        )
-    return path
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -149,8 +141,7 @@ def pack_linear(
             f"{prefix}codes has shape {tuple(codes.shape)}, {cfg.name} with in_features "
             f"{in_features} needs ({out_features}, {k // cfg.D}, {cfg.D}): re-run quantize"
         )
-    flat = codes.reshape(out_features, k).bool()
-    words = torch.cat([pack_bits(chunk) for chunk in flat.split(PACK_ROWS)])
+    words = pack_codes(codes.bool())
     packed = {"qweight": words, "qscale": _fp16(state[f"{prefix}scale"], f"{prefix}scale")}
     for name in ("s1", "p1", "p2", "s2"):
         packed[name] = _fp16(state[f"{prefix}{name}"], f"{prefix}{name}")
@@ -161,21 +152,6 @@ def pack_linear(
                 f"{spec.shape}: the quantized checkpoint is inconsistent; re-run quantize"
             )
     return packed
-
-
-def read_quant_meta(quant_dir: Path) -> tuple[dict[str, Any], dict[str, LatticeConfig]]:
-    """liftq.json of a quantized folder and its {linear name: config}."""
-    meta_path = _require(quant_dir, META_FILE)
-    meta = _read_json(meta_path)
-    try:
-        layers = {key: LatticeConfig.parse(name) for key, name in meta["layers"].items()}
-    except (KeyError, AttributeError, TypeError) as exc:
-        raise BadInputError(
-            f"'{meta_path}' is not a liftq quantize manifest ({exc}): re-run `liftq quantize`"
-        ) from exc
-    if not layers:
-        raise BadInputError(f"'{meta_path}' lists no quantized layers: re-run `liftq quantize`")
-    return meta, layers
 
 
 def safetensors_parts(path: Path, quantized: set[str]) -> dict[str, int]:
@@ -200,88 +176,58 @@ def safetensors_parts(path: Path, quantized: set[str]) -> dict[str, int]:
     return parts
 
 
-def _open(path: Path) -> Any:
-    try:
-        return safe_open(path, framework="pt")
-    except SafetensorError as exc:
-        raise BadInputError(f"'{path}' is corrupt ({exc}): re-run `liftq quantize`") from exc
-
-
-def _linear_shapes(
-    codes: Any, codes_path: Path, layers: dict[str, LatticeConfig]
-) -> dict[str, tuple[int, int, LatticeConfig]]:
-    """(out_features, in_features, cfg) of every linear, from the codes file's header."""
-    names = set(codes.keys())
-    shapes = {}
-    for key, cfg in layers.items():
-        missing = [n for n in (*SOURCE_TENSORS, "lattice") if f"{key}.{n}" not in names]
-        if "lattice" in missing and f"lattice.{cfg.name}" in names:
-            missing.remove("lattice")
-        if missing:
-            name = f"lattice.{cfg.name}" if missing[0] == "lattice" else f"{key}.{missing[0]}"
-            raise BadInputError(
-                f"'{codes_path}' lacks {name}: the quantized folder is incomplete; "
-                f"re-run `liftq quantize`"
-            )
-        shape = codes.get_slice(f"{key}.codes").get_shape()
-        in_features = codes.get_slice(f"{key}.s1").get_shape()[0]
-        shapes[key] = (shape[0], in_features, cfg)
-    return shapes
-
-
-def _layout(
-    shapes: dict[str, tuple[int, int, LatticeConfig]], weights: Any, dtype: str
-) -> list[TensorSpec]:
+def _layout(quantized: QuantizedFolder, dtype: str) -> list[TensorSpec]:
     """Every tensor of the packed file in order: linears (`linear_tensors`), lattice matrices,
-    then the fake-quant weights that are not a quantized linear's `weight`, at `dtype`."""
+    then the unquantized tensors, floating-point ones at `dtype`."""
     specs = []
-    for key, (out_f, in_f, cfg) in shapes.items():
+    for key, cfg in quantized.layers.items():
+        out_f, in_f = quantized.shapes[key]
         for name, spec in linear_tensors(out_f, in_f, cfg).items():
             specs.append(TensorSpec(f"{key}.{name}", TORCH_DTYPES[spec.dtype], spec.shape))
-    for cfg in sorted({cfg for _, _, cfg in shapes.values()}):
+    for cfg in sorted(set(quantized.layers.values())):
         spec = lattice_tensor(cfg)
         specs.append(TensorSpec(lattice_key(cfg), TORCH_DTYPES[spec.dtype], spec.shape))
-    quantized = {f"{key}.weight" for key in shapes}
-    stored_names = list(weights.keys())  # a safetensors handle is not iterable
-    absent = sorted(quantized - set(stored_names))
-    if absent:
-        raise BadInputError(f"the fake-quant weights lack {absent[0]}: re-run `liftq quantize`")
-    for name in stored_names:
-        if name not in quantized:
-            piece = weights.get_slice(name)
-            stored = DTYPES_BY_NAME[piece.get_dtype()]
-            target = OTHER_DTYPES[dtype] if stored.is_floating_point else stored
-            specs.append(TensorSpec(name, target, tuple(piece.get_shape())))
+    names = set(quantized.unquantized_names())
+    with safe_open(quantized.unquantized_file, framework="pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+            if name in names:
+                piece = handle.get_slice(name)
+                stored = DTYPES_BY_NAME[piece.get_dtype()]
+                target = OTHER_DTYPES[dtype] if stored.is_floating_point else stored
+                specs.append(TensorSpec(name, target, tuple(piece.get_shape())))
     return specs
 
 
-def _producer(codes: Any, weights: Any, shapes: dict[str, tuple[int, int, LatticeConfig]]):
+def _producer(quantized: QuantizedFolder):
     """`produce(spec)` for `write_streaming`: packs one linear at a time (kept until done)."""
     current: dict[str, dict[str, torch.Tensor]] = {}
+    matrices = quantized.matrices()
 
     def produce(spec: TensorSpec) -> torch.Tensor:
         module, _, leaf = spec.name.rpartition(".")
-        if module in shapes and leaf in LINEAR_PARTS:
+        if module in quantized.layers and leaf in LINEAR_PARTS:
             if module not in current:
                 current.clear()
-                state = {f"{module}.{n}": codes.get_tensor(f"{module}.{n}") for n in SOURCE_TENSORS}
-                current[module] = pack_linear(state, f"{module}.", shapes[module][2])
+                state = {f"{module}.{n}": t for n, t in quantized.linear_state(module).items()}
+                current[module] = pack_linear(state, f"{module}.", quantized.layers[module])
             return current[module][leaf]
         if module == LATTICE_MODULE:
-            cfg = next(c for _, _, c in shapes.values() if lattice_key(c) == spec.name)
-            matrix = codes.get_tensor(f"lattice.{cfg.name}")
+            cfg = next(c for c in quantized.layers.values() if lattice_key(c) == spec.name)
+            matrix = matrices[cfg.name]
             if tuple(matrix.shape) != spec.shape:
                 raise BadInputError(
                     f"lattice.{cfg.name} has shape {tuple(matrix.shape)}, expected "
                     f"{spec.shape}: re-run `liftq quantize`"
                 )
             return matrix.to(spec.dtype).contiguous()
-        return weights.get_tensor(spec.name).to(spec.dtype).contiguous()
+        with safe_open(quantized.unquantized_file, framework="pt") as handle:
+            return handle.get_tensor(spec.name).to(spec.dtype).contiguous()
 
     return produce
 
 
 def _formula(shapes: dict[str, tuple[int, int, LatticeConfig]]) -> dict[str, int]:
+    """Bytes of codes, scales, whitening and lattice matrices from the closed formula."""
     parts = {"codes": 0, "scales": 0, "whitening": 0}
     for out_f, in_f, cfg in shapes.values():
         for part, value in packed_linear_bytes(out_f, in_f, cfg).items():
@@ -304,13 +250,11 @@ def pack_quantized(quant_dir: Path, out: Path, dtype: str = "float16") -> PackRe
         raise BadInputError(f"'{quant_dir}' is not a folder: pass `liftq quantize --out`'s folder")
     if out.resolve() == quant_dir.resolve() or quant_dir.resolve() in out.resolve().parents:
         raise BadInputError(f"--out '{out}' is inside QUANT_DIR: choose a folder outside it")
-    config = _read_json(_require(quant_dir, "config.json"))
-    codes_path = _require(quant_dir, CODES_FILE)
-    weights_path = _require(quant_dir, WEIGHTS_FILE)
-    meta, layers = read_quant_meta(quant_dir)
-    codes, weights = _open(codes_path), _open(weights_path)
-    shapes = _linear_shapes(codes, codes_path, layers)
-    specs = _layout(shapes, weights, dtype)
+    config = _read_json(require(quant_dir, "config.json"))
+    quantized = read_quantized(quant_dir)
+    meta, layers = quantized.manifest, quantized.layers
+    shapes = {key: (*quantized.shapes[key], cfg) for key, cfg in layers.items()}
+    specs = _layout(quantized, dtype)
     config["quantization_config"] = quantization_config(layers)
     info = {
         "liftq_version": __version__,
@@ -325,7 +269,7 @@ def pack_quantized(quant_dir: Path, out: Path, dtype: str = "float16") -> PackRe
             if (quant_dir / filename).is_file():
                 shutil.copy2(quant_dir / filename, tmp / filename)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        write_streaming(tmp / WEIGHTS_FILE, specs, _producer(codes, weights, shapes), metadata)
+        write_streaming(tmp / WEIGHTS_FILE, specs, _producer(quantized), metadata)
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
     configs: dict[str, int] = {}
     for cfg in layers.values():
@@ -342,7 +286,7 @@ def pack_quantized(quant_dir: Path, out: Path, dtype: str = "float16") -> PackRe
 
 def read_packed_config(packed_dir: Path) -> dict[str, LatticeConfig]:
     """{linear name: config} of a packed folder (validates method and format version)."""
-    config = _read_json(_require(Path(packed_dir), "config.json"))
+    config = _read_json(require(Path(packed_dir), "config.json"))
     if "quantization_config" not in config:
         raise BadInputError(f"'{packed_dir}' is not a packed LiftQuant model: run `liftq pack`")
     return parse_quantization_config(config["quantization_config"], f"'{packed_dir}'")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from liftq_cli.errors import BadInputError
-from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.lattice_config import LatticeConfig, LatticeConfigError
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "liftquant"
@@ -154,7 +154,10 @@ def parse_quantization_config(config: Mapping[str, Any], where: str) -> dict[str
     layers = config.get("layers")
     if not isinstance(layers, Mapping) or not layers:
         raise BadInputError(f"{where}: quantization_config.layers is missing: re-pack the model")
-    return {str(key): LatticeConfig.parse(str(name)) for key, name in layers.items()}
+    try:
+        return {str(key): LatticeConfig.parse(str(name)) for key, name in layers.items()}
+    except LatticeConfigError as exc:
+        raise BadInputError(f"{where}: {exc}: re-pack the model") from None
 
 
 @dataclass(frozen=True)

@@ -78,16 +78,22 @@ def write_streaming(
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError("duplicate tensor names in a safetensors file")
-    with open(path, "wb") as handle:
-        handle.write(header_bytes(specs, metadata))
-        for spec in specs:
-            tensor = produce(spec)
-            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-                raise ValueError(
-                    f"tensor {spec.name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
-                    f"header says {spec.dtype} {spec.shape}"
-                )
-            data = tensor.detach().cpu().contiguous().reshape(-1)
-            if data.numel():
-                handle.write(data.view(torch.uint8).numpy().tobytes())
-        return handle.tell()
+    path = Path(path)
+    try:
+        with open(path, "wb") as handle:
+            handle.write(header_bytes(specs, metadata))
+            for spec in specs:
+                tensor = produce(spec)
+                if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                    raise ValueError(
+                        f"tensor {spec.name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
+                        f"header says {spec.dtype} {spec.shape}"
+                    )
+                data = tensor.detach().cpu().contiguous().reshape(-1)
+                if data.numel():
+                    handle.write(data.view(torch.uint8).numpy().tobytes())
+                del tensor, data  # one tensor in memory at a time, also while producing the next
+            return handle.tell()
+    except BaseException:
+        path.unlink(missing_ok=True)  # a file whose header lies must not survive
+        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import torch
 from safetensors import safe_open
 
 from liftq_cli.errors import BadInputError
+
+FINGERPRINT_BYTES = 8 << 20  # past the header, into the first tensors' data
 
 
 class WeightReader:
@@ -46,6 +49,20 @@ class WeightReader:
         with safe_open(self._files[name], framework="pt") as handle:
             return tuple(handle.get_slice(name).get_shape())
 
-    def fingerprint(self) -> dict[str, int]:
-        """Sizes of the weight files: a cheap identity for resume checks."""
-        return {p.name: p.stat().st_size for p in sorted(set(self._files.values()))}
+    def dtype(self, name: str) -> torch.dtype:
+        """Dtype of a stored tensor, read from the header (no data is loaded)."""
+        from liftq_cli.io.safetensors_stream import DTYPES_BY_NAME
+
+        with safe_open(self._files[name], framework="pt") as handle:
+            return DTYPES_BY_NAME[handle.get_slice(name).get_dtype()]
+
+    def fingerprint(self) -> dict[str, str]:
+        """A cheap identity of the weight files for resume checks: each file's size and a hash
+        of its first FINGERPRINT_BYTES. Sizes alone would match two fine-tunes of one base
+        model (same shapes, same dtypes); their first tensors' bytes differ."""
+        result = {}
+        for path in sorted(set(self._files.values())):
+            with path.open("rb") as handle:
+                digest = hashlib.sha256(handle.read(FINGERPRINT_BYTES)).hexdigest()[:16]
+            result[path.name] = f"{path.stat().st_size}:{digest}"
+        return result

@@ -29,9 +29,9 @@ from typing import Literal, get_args
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.packed_format import lattice_matrix_bytes, packed_linear_bytes
 from liftq_cli.io.packed_format import whitening_factors as whitening_factors
+from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.architectures import Architecture, LinearSpec, embedding_params, linears
 from liftq_cli.plan.architectures import other_params as _other_params
-from liftq_cli.quant.configs import LatticeConfig
 
 FP16 = 2
 KIB, MIB, GIB = 2**10, 2**20, 2**30

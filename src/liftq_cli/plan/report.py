@@ -1,12 +1,11 @@
-"""Outputs of a plan: the rich tables, the --json payload and the recipe.
+"""Outputs of a plan: the rich tables, the --json payload (the recipe is `recipe.from_plan`).
 
-Pure functions of a `Plan`: they build objects (tables, dicts, `Recipe`); the CLI prints or
+Pure functions of a `Plan`: they build objects (tables, dicts); the CLI prints or
 writes them.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from rich.table import Table
@@ -14,8 +13,6 @@ from rich.table import Table
 from liftq_cli.plan.architectures import Architecture, Preset, linears, param_count, presets
 from liftq_cli.plan.memory import ASSUMPTION_NOTES, format_bytes, settings_assumptions
 from liftq_cli.plan.solver import Plan
-from liftq_cli.quant.configs import LatticeConfig
-from liftq_cli.recipe import Recipe
 
 
 def _labels(plan: Plan) -> dict[str, str]:
@@ -183,30 +180,6 @@ def plan_payload(
     if plan.mixed:
         payload["configs"] = {name: cfg.name for name, cfg in plan.assignment.items()}
     return payload
-
-
-def to_recipe(plan: Plan, model_ref: str) -> Recipe:
-    """The plan as a recipe: the most common config plus per-layer overrides."""
-    counts = Counter(plan.assignment.values())
-    base: LatticeConfig = max(counts, key=lambda cfg: (counts[cfg], cfg.bits))
-    layers: dict[int, dict[str, LatticeConfig]] = {}
-    for spec in linears(plan.arch):
-        cfg = plan.assignment[spec.name]
-        if cfg != base:
-            layers.setdefault(spec.layer, {})[spec.kind] = cfg
-    s = plan.settings
-    return Recipe(
-        model=model_ref,
-        config=base,
-        layers=layers,
-        embed=s.embed,
-        lm_head=s.lm_head,
-        ctx=s.ctx,
-        batch=s.batch,
-        kv_bits=s.kv_bits,
-        vram_bytes=plan.vram_bytes,
-        predicted_bytes=plan.total_bytes,
-    )
 
 
 def _row(preset: Preset, arch: Architecture) -> dict[str, Any]:

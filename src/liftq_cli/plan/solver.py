@@ -4,12 +4,13 @@ Uniform: every quantized linear at one catalog config, the highest-bit one whose
 (`memory.model_breakdown`) fits. At equal bits the config with the larger slice dimension d
 comes first (the catalog's own order), so each bit level has one representative.
 
-Mixed: each (layer, linear kind) group gets its own level. Starting from the lowest level
-everywhere, a greedy pass repeatedly buys the upgrade with the largest expected error reduction
-per byte, `s_g * n_g * (2^(-2 b) - 2^(-2 b'))` for a group of n_g weights with sensitivity s_g
-(the high-rate distortion of a b-bit quantizer falls as 2^(-2b)), until no upgrade fits. The
-last affordable upgrade is one group's 0.1-bit step, so the budget is used to well within 1%
-unless every group reached the top config.
+Mixed: each (layer, linear kind) group gets its own level, chosen by the allocator that
+`quantize --mixed` uses too (plan/allocation.py: Lagrangian relaxation, then a greedy fill):
+it minimises the predicted error `sum_g s_g * n_g * 2^(-2 b_g)` for groups of n_g weights with
+sensitivity s_g (the high-rate distortion of a b-bit quantizer falls as 2^(-2b)) with the
+packed bytes within the budget. The last affordable upgrade is one group's 0.1-bit step, so the
+budget is used to well within 1% unless every group reached the top config; the result is
+never below the best uniform level.
 
 Sensitivities come from a file (`parse_sensitivity`) or the documented prior
 (`prior_sensitivity`): v_proj and down_proj weigh 2x, o_proj 1.25x, and the first and last
@@ -18,7 +19,6 @@ blocks 2x, the other blocks within 10% of either end 1.5x.
 
 from __future__ import annotations
 
-import heapq
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from liftq_cli.errors import BadInputError, DoesNotFitError
+from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
+from liftq_cli.plan.allocation import choose
 from liftq_cli.plan.architectures import LINEAR_KINDS, Architecture, LinearSpec, linears
 from liftq_cli.plan.memory import (
     Breakdown,
@@ -37,7 +39,6 @@ from liftq_cli.plan.memory import (
     packed_linear_bytes,
     uniform,
 )
-from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
 
 KIND_PRIOR: dict[str, float] = {
     "q_proj": 1.0,
@@ -303,50 +304,46 @@ def plan_mixed(
     ladder = catalog_ladder(configs)
     weights = dict(sensitivity) if sensitivity is not None else prior_sensitivity(arch)
     specs = linears(arch)
-    table = [[_group_bytes(spec, cfg) for cfg in ladder] for spec in specs]
+    cost = {g: [_group_bytes(spec, cfg) for cfg in ladder] for g, spec in enumerate(specs)}
+    loss = {
+        g: [weights[spec.name] * spec.params * 2.0 ** (-2 * cfg.bits) for cfg in ladder]
+        for g, spec in enumerate(specs)
+    }
     candidates = uniform_candidates(arch, vram_bytes, settings, configs)
     available = vram_bytes - sum(fixed_bytes(arch, settings).values())
-    if sum(row[0] for row in table) + lattice_matrix_bytes(ladder[0]) > available:
+
+    def spent(choice: dict) -> int:
+        used = {ladder[j] for j in choice.values()}
+        return sum(cost[g][j] for g, j in choice.items()) + sum(map(lattice_matrix_bytes, used))
+
+    def solve(start: dict | None = None) -> dict | None:
+        """The allocator's choice with the budget net of the lattice matrices it uses (a few
+        kB, shared by a config's groups, so not separable): reserve what the last choice
+        used until the choice fits; at worst every ladder matrix."""
+        reserve = 0
+        for _ in range(4):
+            choice = choose(cost, loss, available - reserve, start)
+            if choice is None or spent(choice) <= available:
+                return choice
+            reserve = spent(choice) - sum(cost[g][j] for g, j in choice.items())
+        return choose(cost, loss, available - sum(map(lattice_matrix_bytes, ladder)), start)
+
+    choice = solve()
+    if choice is None:
         raise _does_not_fit(arch, vram_bytes, candidates[0], settings)
 
-    def greedy(start: int) -> list[int]:
-        """Upgrade groups from ladder level `start`, best distortion drop per byte first."""
-        level = [start] * len(specs)
-        used = {ladder[start]}
-        spent = sum(row[start] for row in table) + lattice_matrix_bytes(ladder[start])
+    def mean_bits(choice: dict) -> float:
+        total = sum(spec.params for spec in specs)
+        return sum(spec.params * ladder[choice[g]].bits for g, spec in enumerate(specs)) / total
 
-        def step(g: int) -> tuple[float, int]:
-            k = level[g]
-            nxt = ladder[k + 1]
-            cost = table[g][k + 1] - table[g][k] + (0 if nxt in used else lattice_matrix_bytes(nxt))
-            drop = 2.0 ** (-2 * ladder[k].bits) - 2.0 ** (-2 * nxt.bits)
-            return weights[specs[g].name] * specs[g].params * drop / max(cost, 1), cost
-
-        heap = [(-step(g)[0], g) for g in range(len(specs)) if start + 1 < len(ladder)]
-        heapq.heapify(heap)
-        while heap:
-            _, g = heapq.heappop(heap)
-            _, cost = step(g)  # recompute: a newly used config makes its M free
-            if spent + cost > available:
-                continue  # budget only shrinks, so this group's later steps never fit either
-            level[g] += 1
-            spent += cost
-            used.add(ladder[level[g]])
-            if level[g] + 1 < len(ladder):
-                heapq.heappush(heap, (-step(g)[0], g))
-        return level
-
-    def mean_bits(level: list[int]) -> float:
-        return sum(s.params * ladder[k].bits for s, k in zip(specs, level, strict=True)) / sum(
-            s.params for s in specs
-        )
-
-    level = greedy(0)
     uniform = [c for c in candidates if c.fits]  # candidates are priced on `ladder`
-    if uniform and mean_bits(level) < uniform[-1].config.bits:
-        # Near the top of the ladder the greedy from the bottom can strand budget that the
-        # best uniform level uses; upgrading from that level is then never worse.
-        level = greedy(ladder.index(uniform[-1].config))
+    if uniform and mean_bits(choice) < uniform[-1].config.bits:
+        # Never below the best uniform level: upgrade from it instead.
+        top = ladder.index(uniform[-1].config)
+        start = dict.fromkeys(range(len(specs)), top)
+        if spent(start) <= available:
+            choice = solve(start) or choice
+    level = [choice[g] for g in range(len(specs))]
     assignment = {spec.name: ladder[level[g]] for g, spec in enumerate(specs)}
     breakdown = model_breakdown(arch, lambda spec: assignment[spec.name], settings)
     plan = Plan(arch, settings, vram_bytes, assignment, breakdown, mixed=True)

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from liftq_cli.quant.layerwise import QuantizedLinear
-from liftq_cli.quant.whitening import Whitening, unwhiten_weight
+from liftq_cli.quant.reconstruct import QuantizedLinear, reconstruct
+from liftq_cli.quant.whitening import Whitening
+from liftq_cli.quantize_job import CorrectionConfig
 
 
 def ste_sign(latent: torch.Tensor) -> torch.Tensor:
@@ -47,9 +48,7 @@ class CorrectableLinear(nn.Module):
         return Whitening(self.log_s1.exp(), self.p1, self.p2, self.log_s2.exp())
 
     def weight(self) -> torch.Tensor:
-        slices = ste_sign(self.latent) @ self.matrix.T
-        flat = slices.reshape(slices.shape[0], -1)[:, : self.in_features]
-        return unwhiten_weight(flat * self.scale.unsqueeze(1), self.whitening())
+        return reconstruct(ste_sign(self.latent), self.matrix, self.scale, self.whitening())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight(), self.bias)
@@ -64,16 +63,6 @@ class CorrectableLinear(nn.Module):
             Whitening(wh.s1.detach().clone(), self.p1, self.p2, wh.s2.detach().clone()),
             self.matrix,
         )
-
-
-@dataclass(frozen=True)
-class CorrectionConfig:
-    steps: int = 50
-    lr_codes: float = 5e-4
-    lr_scales: float = 3e-3
-    batch: int = 2
-    latent_init: float = 0.05
-    seed: int = 0
 
 
 @dataclass

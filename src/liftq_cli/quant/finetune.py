@@ -27,34 +27,9 @@ import torch
 from torch import nn
 
 from liftq_cli.errors import BadInputError
-from liftq_cli.quant.layerwise import QuantizedLinear
-from liftq_cli.quant.whitening import Whitening, unwhiten_weight
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """steps: Adam steps of `batch` windows each, every window seen once (0: the stage is
-    off); lr: peak learning rate (cosine decay to 0); eval_windows: held-out windows on which
-    the KL is measured before and after (the result is kept only if it went down).
-
-    Every step takes fresh windows: on SmolLM2-135M, three passes over 64 windows halved the
-    training KL but gained less on held-out text than one pass (the scales over-fit)."""
-
-    steps: int = 0
-    lr: float = 1e-3
-    batch: int = 4
-    eval_windows: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.steps < 0:
-            raise BadInputError(f"--finetune-steps {self.steps} is invalid: use 0 (off) or more")
-        if not self.lr > 0:
-            raise BadInputError(f"--finetune-lr {self.lr} is invalid: use a positive rate (2e-3)")
-        if self.batch < 1 or self.eval_windows < 1:
-            raise BadInputError(
-                f"fine-tuning batch {self.batch} / eval windows {self.eval_windows}: use 1 or more"
-            )
+from liftq_cli.quant.reconstruct import QuantizedLinear, reconstruct
+from liftq_cli.quant.whitening import Whitening
+from liftq_cli.quantize_job import FinetuneConfig
 
 
 @dataclass
@@ -69,22 +44,13 @@ class FinetuneResult:
 class TunedLinear(nn.Module):
     """A quantised linear whose row scales and whitening scales train; codes stay fixed.
 
-    weight = unwhiten(diag(s) A, s1, s2) with A = Q blockdiag(M^T) (the unscaled whitened
-    approximation, a buffer) and s = s0 exp(u), s1 = s1_0 exp(u1), s2 = s2_0 exp(u2).
+    weight = reconstruct(Q, M, s, T) with s = s0 exp(u), s1 = s1_0 exp(u1), s2 = s2_0 exp(u2):
+    only u, u1, u2 train (the codes Q and the lattice M are fixed).
     """
 
     def __init__(self, quant: QuantizedLinear, bias: torch.Tensor | None):
         super().__init__()
         self.quant = quant
-        unscaled = QuantizedLinear(
-            quant.cfg,
-            quant.in_features,
-            quant.codes,
-            torch.ones_like(quant.scale),
-            quant.whitening,
-            quant.matrix,
-        )
-        self.register_buffer("approx", unscaled.whitened())
         self.log_scale = nn.Parameter(torch.zeros_like(quant.scale))
         self.log_s1 = nn.Parameter(torch.zeros_like(quant.whitening.s1))
         self.log_s2 = nn.Parameter(torch.zeros_like(quant.whitening.s2))
@@ -96,7 +62,7 @@ class TunedLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         scale = self.quant.scale * self.log_scale.exp()
-        return unwhiten_weight(self.approx * scale.unsqueeze(1), self.whitening())
+        return reconstruct(self.quant.signs(), self.quant.matrix, scale, self.whitening())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight(), self.bias)

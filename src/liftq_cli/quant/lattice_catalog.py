@@ -3,14 +3,19 @@
 `lattice.safetensors` holds one float32 (d, D) tensor per config, keyed `LQ-D-d`;
 `manifest.json` records for each how it was trained (seed, Lloyd iterations, samples) and
 its Gaussian MSE on the fixed 100k-sample held-out set. `build_catalog` retrains every
-entry of `CATALOG_CONFIGS` reproducibly (`liftq lattice build-catalog`). This module is the
-only lattice code that touches disk.
+entry of `CATALOG_CONFIGS` reproducibly; `build_catalog_into` does so into a staging folder
+and swaps the finished catalog in once (`liftq lattice build-catalog --out DIR`), so an
+interrupted build leaves the old catalog as it was. This module is the only lattice code
+that touches disk.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import re
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -21,7 +26,7 @@ from torch import Tensor
 
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.atomic import atomic_dir
-from liftq_cli.quant.configs import CATALOG_CONFIGS, LatticeConfig
+from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.quant.lattice import DEFAULT_SEARCH, SearchConfig, encode
 from liftq_cli.quant.lattice_train import TrainConfig, TrainResult, train_matrix
 
@@ -91,7 +96,8 @@ def _read(folder: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     matrix_path, manifest_path = path / MATRIX_FILE, path / MANIFEST_FILE
     if not matrix_path.is_file() or not manifest_path.is_file():
         raise BadInputError(
-            f"lattice catalog not found in {path}: rebuild it with `liftq lattice build-catalog`"
+            f"lattice catalog not found in {path}: rebuild it with "
+            f"`liftq lattice build-catalog --out {path}`"
         )
     return load_file(str(matrix_path)), json.loads(manifest_path.read_text())
 
@@ -114,7 +120,7 @@ def load_catalog_matrix(cfg: LatticeConfig, folder: Path = CATALOG_DIR) -> Tenso
     if tuple(matrix.shape) != (cfg.d, cfg.D):
         raise BadInputError(
             f"catalog matrix {key} has shape {tuple(matrix.shape)}, expected ({cfg.d}, "
-            f"{cfg.D}): rebuild it with `liftq lattice build-catalog`"
+            f"{cfg.D}): rebuild it with `liftq lattice build-catalog --out {folder}`"
         )
     return matrix
 
@@ -197,20 +203,26 @@ def _with_current_keys(entry: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def save_catalog(
-    results: list[TrainResult], folder: Path = CATALOG_DIR, merge: bool = False
-) -> None:
-    """Write lattice.safetensors + manifest.json for `results` (atomically, as one folder).
-
-    merge=True keeps the entries of an existing catalog that `results` does not retrain.
-    """
+def _existing(folder: Path) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """The tensors and manifest entries, by config name, of the catalog in `folder` (if any)."""
     tensors: dict[str, Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
-    if merge and (folder / MATRIX_FILE).is_file():
+    if (folder / MATRIX_FILE).is_file():
         old_tensors, old_manifest = _read(str(folder))
         for e in old_manifest["entries"]:
             entries[e["name"]] = _with_current_keys(e)
             tensors[e["name"]] = old_tensors[tensor_key(LatticeConfig(e["D"], e["d"]))]
+    return tensors, entries
+
+
+def _write_catalog(
+    folder: Path,
+    results: list[TrainResult],
+    base: tuple[dict[str, Tensor], dict[str, dict[str, Any]]] = ({}, {}),
+) -> None:
+    """Write lattice.safetensors + manifest.json into `folder` (in place, not atomically):
+    the entries of `base` (see `_existing`) that `results` does not retrain, plus `results`."""
+    tensors, entries = dict(base[0]), dict(base[1])
     for r in results:
         tensors[r.config.name] = r.matrix.contiguous()
         entries[r.config.name] = r.manifest_entry()
@@ -226,7 +238,109 @@ def save_catalog(
     by_key = {
         tensor_key(LatticeConfig(e["D"], e["d"])): tensors[e["name"]].contiguous() for e in ordered
     }
+    save_file(by_key, str(folder / MATRIX_FILE), {"format_version": str(FORMAT_VERSION)})
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def save_catalog(results: list[TrainResult], folder: Path, merge: bool = False) -> None:
+    """Write lattice.safetensors + manifest.json for `results` (atomically, as one folder).
+
+    merge=True keeps the entries of an existing catalog that `results` does not retrain.
+    """
+    base = _existing(folder) if merge else ({}, {})
     with atomic_dir(folder) as tmp:
-        save_file(by_key, str(tmp / MATRIX_FILE), {"format_version": str(FORMAT_VERSION)})
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        _write_catalog(tmp, results, base)
     _read.cache_clear()
+
+
+def _check_target(out: Path) -> None:
+    """Refuse an `out` that is not a catalog folder: the swap replaces the whole folder."""
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} is a file: pass a folder for the catalog")
+    if out.is_dir():
+        other = sorted(p.name for p in out.iterdir() if p.name not in (MATRIX_FILE, MANIFEST_FILE))
+        if other:
+            raise BadInputError(
+                f"--out {out} holds other files than a lattice catalog ({', '.join(other[:3])}) "
+                "and would be replaced as a whole: pass a new folder or an existing catalog"
+            )
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # a leftover of this process (or of a dead one with a reused pid)
+    if os.name != "posix":
+        return True  # no cheap liveness check: keep it rather than break a running build
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Clean up after a build of `out` that was killed before its own cleanup could run.
+
+    Its staging folder `.NAME.tmp-PID` is removed; the old catalog that `atomic_dir` moves
+    aside during the swap (`.NAME.old.PID`) is put back if the new one never arrived, else
+    removed. Leftovers of a build that is still running (its pid is alive) are kept.
+    """
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp-|old\.)(\d+)")
+    if not out.parent.is_dir():
+        return
+    for path in out.parent.iterdir():
+        match = pattern.fullmatch(path.name)
+        if match is None or _alive(int(match[2])):
+            continue
+        if match[1] == "old." and not out.exists():
+            os.replace(path, out)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def build_catalog_into(
+    out: Path,
+    configs: Iterable[LatticeConfig] = CATALOG_CONFIGS,
+    seed: int = 0,
+    keep_others: bool = False,
+    on_done: Callable[[TrainResult], None] | None = None,
+    device: str = "cpu",
+) -> list[TrainResult]:
+    """Train `configs` with the catalog schedule and swap the finished catalog into `out`.
+
+    Each finished config is written to the staging folder `.NAME.tmp-PID` next to `out`;
+    only after the last one does the staged catalog replace `out` (one `atomic_dir` swap),
+    so an interrupted or failed build leaves `out` as it was. keep_others=True starts from a
+    copy of the catalog at `out` (if any) and keeps the entries `configs` does not retrain.
+    Leftovers of an earlier build of `out` that was killed are cleaned up first.
+    """
+    out = Path(out)
+    _remove_stale(out)
+    _check_target(out)
+    base = _existing(out) if keep_others else ({}, {})
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    staging.mkdir(parents=True)
+    results: list[TrainResult] = []
+
+    def staged(result: TrainResult) -> None:
+        results.append(result)
+        _write_catalog(staging, results, base)
+        if on_done is not None:
+            on_done(result)
+
+    try:
+        if base[1]:
+            for name in (MATRIX_FILE, MANIFEST_FILE):
+                shutil.copy2(out / name, staging / name)
+        build_catalog(configs, seed=seed, on_done=staged, device=device)
+        if not (staging / MATRIX_FILE).is_file():
+            raise BadInputError("no lattice config to build: name at least one with --only")
+        with atomic_dir(out) as tmp:
+            for name in (MATRIX_FILE, MANIFEST_FILE):
+                os.replace(staging / name, tmp / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        _read.cache_clear()
+    return results

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from liftq_cli.errors import BadInputError
-from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant.lattice import (
     DEFAULT_SEARCH,
     SearchConfig,

@@ -3,14 +3,14 @@
 For a linear y = W x, an error E changes the loss by about (1/2) sum_t (g_t^T E x_t)^2 to
 second order (Gauss-Newton with the empirical Fisher), g_t = dL/dy_t at token t. The encoder
 leaves an error of about mse * rms_i^2 on every element of row i (rows are encoded at unit
-RMS, `quant/layerwise.py`), roughly independent across elements, so the expected increase is
+RMS, `quant/encode.py`), roughly independent across elements, so the expected increase is
 (mse / 2) * kappa with
 
     kappa = sum_t (sum_i g_ti^2 rms_i^2) * ||x_t||^2,
 
 one number per linear, measured with one forward and backward pass of the full-precision
 model over calibration windows (next-token cross-entropy on the windows themselves).
-`quant/allocation.py` turns these into per-linear lattice configs.
+`plan/allocation.py` turns these into per-linear lattice configs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ LinearKey = tuple[int, str]  # (layer, kind): (3, "down_proj")
 def decoder_linears(model: nn.Module) -> dict[LinearKey, nn.Linear]:
     """Every nn.Linear inside the decoder blocks of a transformers causal LM (also a model on
     the meta device), keyed (layer, kind)."""
-    from liftq_cli.quant.pipeline import linear_kinds
+    from liftq_cli.quant.blocks import linear_kinds
 
     return {
         (layer, name.rpartition(".")[2]): module

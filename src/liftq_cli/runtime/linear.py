@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from liftq_cli.io.packed_format import code_bits, lattice_buffer, lattice_tensor, linear_tensors
-from liftq_cli.quant.configs import LatticeConfig
-from liftq_cli.quant.whitening import Whitening, unwhiten_weight
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.quant.reconstruct import reconstruct
+from liftq_cli.quant.whitening import Whitening
 from liftq_kernels.ops import liftq_linear
 from liftq_kernels.reference import unpack_signs
 
@@ -95,11 +96,8 @@ class LiftQuantLinear(nn.Module):
         """The weight this layer computes with, float32 [out, in] (for checks, not inference)."""
         k = code_bits(self.in_features, self.cfg)
         signs = unpack_signs(self.qweight, k).view(self.out_features, -1, self.cfg.D)
-        slices = signs @ self.lattice.float().T  # [out, n_slices, d]
-        whitened = slices.reshape(self.out_features, -1)[:, : self.in_features]
-        whitened = whitened * self.qscale.float().unsqueeze(1)
         factors = Whitening(*(t.float() for t in (self.s1, self.p1, self.p2, self.s2)))
-        return unwhiten_weight(whitened, factors)
+        return reconstruct(signs, self.lattice.float(), self.qscale.float(), factors)
 
     def extra_repr(self) -> str:
         return (

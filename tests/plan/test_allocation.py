@@ -9,8 +9,8 @@ import random
 import pytest
 
 from liftq_cli.errors import BadInputError
-from liftq_cli.quant.allocation import allocate, code_bits
-from liftq_cli.quant.configs import LatticeConfig
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.plan.allocation import allocate, code_bits
 
 # Gaussian-like MSE curve (2^-2b) on a d=8 ladder: in_features 640 pad to nothing at d=8, 10.
 LADDER = {LatticeConfig(D, 8): 2.0 ** (-2 * D / 8) for D in (16, 20, 24, 28, 32)}

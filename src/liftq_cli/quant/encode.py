@@ -1,0 +1,70 @@
+"""Quantise one linear layer: whiten, cut rows into d-slices, lattice-encode, fit row scales.
+
+    W T ~= diag(s) Q blockdiag(M^T),     Q in {-1,+1}^(out x n_slices*D)
+
+Each whitened row is normalised to unit RMS so its d-slices look like N(0, I_d) samples (the
+source M was trained on), padded with zeros to a multiple of d, encoded, and given the
+least-squares row scale s over its real (unpadded) coordinates. With the layer's calibration
+Gram matrix the slices are encoded with LDLQ error feedback (quant/ldlq.py) and the row scales
+are the H'-weighted least-squares ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from liftq_cli.lattice_config import LatticeConfig
+from liftq_cli.quant.ldlq import Encoder, as_codes, ldlq_encode, whitened_hessian
+from liftq_cli.quant.reconstruct import QuantizedLinear
+from liftq_cli.quant.whitening import Whitening, whiten_weight
+
+
+def slice_rows(rows: torch.Tensor, d: int) -> torch.Tensor:
+    """[out, n] -> [out, ceil(n/d), d], zero-padded."""
+    out, n = rows.shape
+    n_slices = math.ceil(n / d)
+    padded = torch.zeros(out, n_slices * d, dtype=rows.dtype)
+    padded[:, :n] = rows
+    return padded.view(out, n_slices, d)
+
+
+def row_scales(
+    whitened: torch.Tensor, approx: torch.Tensor, metric: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Least-squares scale per row: argmin_s ||w - s a||^2 = <w, a> / <a, a>, or with a
+    metric H the H-weighted one, <w H, a> / <a H, a>."""
+    if metric is None:
+        return (whitened * approx).sum(1) / approx.pow(2).sum(1).clamp_min(1e-12)
+    return ((whitened @ metric) * approx).sum(1) / ((approx @ metric) * approx).sum(1).clamp_min(
+        1e-12
+    )
+
+
+def quantize_linear(
+    weight: torch.Tensor,
+    whitening: Whitening,
+    cfg: LatticeConfig,
+    matrix: torch.Tensor,
+    encode: Encoder,
+    gram: torch.Tensor | None = None,
+) -> QuantizedLinear:
+    """Encode weight [out, in] (float32) with lattice `cfg` (M: [d, D]) after whitening.
+
+    gram: the layer's calibration X^T X [in, in]; when given, slices are encoded with LDLQ
+    error feedback and the row scales minimise the output error instead of the weight error.
+    """
+    whitened = whiten_weight(weight.float(), whitening)
+    rms = whitened.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
+    if gram is None:
+        metric = None
+        codes = as_codes(encode(slice_rows(whitened / rms, cfg.d), matrix))
+    else:
+        hessian = whitened_hessian(gram, whitening)
+        metric = hessian.float()
+        codes = ldlq_encode(whitened / rms, hessian, matrix, encode)
+    approx = ((codes.float() * 2 - 1) @ matrix.T).reshape(weight.shape[0], -1)
+    approx = approx[:, : weight.shape[1]]
+    scale = row_scales(whitened, approx, metric)
+    return QuantizedLinear(cfg, weight.shape[1], codes, scale.float(), whitening, matrix.float())
