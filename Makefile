@@ -33,7 +33,7 @@ run: $(STAMP)
 	test -f $(RUN_DIR)/packed/config.json || $(BIN)/liftq pack $(RUN_DIR)/quantized \
 		--out $(RUN_DIR)/packed
 	$(BIN)/liftq eval $(RUN_DIR)/packed --ppl wikitext2 --ctx 1024 --max-tokens $(RUN_TOKENS) \
-		--kld-ref smollm2-135m --save $(RUN_DIR)/eval.json
+		--kld-ref smollm2-135m --save $(RUN_DIR)/eval.json --overwrite
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests

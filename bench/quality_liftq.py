@@ -97,6 +97,7 @@ def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[s
         str(liftq), "quantize", args.model, "--out", str(out), "--bits", f"{spec.target_bits}",
         "--calib", str(calib_txt), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--seed", str(args.seed), "--json", "--work-dir", str(block_work_dir(spec, out)),
+        "--overwrite",  # the bench's own output folder: a re-run replaces it
     ] + ["--mixed"] * getattr(spec, "mixed", False) + tuning_flags(spec, args)  # fmt: skip
 
 

@@ -39,7 +39,6 @@ read -r -a EVAL_EXTRA <<< "${EVAL_ARGS:---ppl wikitext2 --ctx 1024 --max-tokens 
 read -r -a PACK_EXTRA <<< "${PACK_ARGS:-}"
 read -r -a PUSH_EXTRA <<< "${PUSH_ARGS:-}"
 KLD_REF=${KLD_REF-$MODEL}
-mkdir -p "$WORK" || exit 4
 
 json_string() {  # a JSON string literal (escapes backslashes and double quotes)
     local s=${1//\\/\\\\}
@@ -50,15 +49,34 @@ step() {  # step NAME ARGS...: run `liftq ARGS... --json`, output to WORK/NAME.j
     local name=$1
     shift
     echo "[ci_batch] $name: liftq $*" >&2
-    "${LIFTQ_CMD[@]}" "$@" --json > "$WORK/$name.json"
+    # Written aside and moved into place: WORK/NAME.json is never a half-written or empty file.
+    "${LIFTQ_CMD[@]}" "$@" --json > "$WORK/$name.json.part"
     local code=$?
     if [ "$code" -ne 0 ]; then
+        if [ ! -s "$WORK/$name.json.part" ]; then  # it died before printing its JSON error
+            printf '{"error": "liftq %s exited with code %d and printed nothing", "exit_code": %d}\n' \
+                "$name" "$code" "$code" > "$WORK/$name.json.part"
+        fi
+        mv -f "$WORK/$name.json.part" "$WORK/$name.json"
         echo "[ci_batch] $name failed with exit code $code; its output: $WORK/$name.json" >&2
         printf '{"ok": false, "failed_step": "%s", "exit_code": %d, "output": %s}\n' \
             "$name" "$code" "$(json_string "$WORK/$name.json")"
         exit "$code"
     fi
+    mv -f "$WORK/$name.json.part" "$WORK/$name.json"
 }
+
+# The repo name is checked before hours of quantization, with the Hub's rules for repo ids.
+if ! [[ "$REPO" =~ ^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$ ]] \
+    || [[ "$REPO" == *--* || "$REPO" == *..* || "$REPO" == *[-.] || "$REPO" == *[-.]/* ]] \
+    || [ ${#REPO} -gt 96 ]; then
+    echo "error: REPO '$REPO' is not a Hub repo id: use namespace/name (letters, digits, -, _, .)" >&2
+    printf '{"ok": false, "failed_step": "repo", "exit_code": 2, "error": %s}\n' \
+        "$(json_string "REPO '$REPO' is not a Hub repo id: use namespace/name")"
+    exit 2
+fi
+
+mkdir -p "$WORK" || exit 4
 
 KLD=()
 if [ -n "$KLD_REF" ]; then
@@ -69,10 +87,12 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
     PUSH_MODE=(--dry-run)
 fi
 
-step quantize quantize "$MODEL" --recipe "$RECIPE" --out "$WORK/quantized" \
+# WORK is this script's own folder: a re-run replaces its earlier outputs (quantize resumes
+# from its work dir); liftq still refuses a WORK/quantized or WORK/packed it did not write.
+step quantize quantize "$MODEL" --recipe "$RECIPE" --out "$WORK/quantized" --overwrite \
     ${QUANTIZE_EXTRA[@]+"${QUANTIZE_EXTRA[@]}"}
 step eval eval "$WORK/quantized" ${EVAL_EXTRA[@]+"${EVAL_EXTRA[@]}"} ${KLD[@]+"${KLD[@]}"}
-step pack pack "$WORK/quantized" --out "$WORK/packed" ${PACK_EXTRA[@]+"${PACK_EXTRA[@]}"}
+step pack pack "$WORK/quantized" --out "$WORK/packed" --overwrite ${PACK_EXTRA[@]+"${PACK_EXTRA[@]}"}
 step push push "$WORK/packed" --repo "$REPO" --eval-json "$WORK/eval.json" \
     ${PUSH_MODE[@]+"${PUSH_MODE[@]}"} ${PUSH_EXTRA[@]+"${PUSH_EXTRA[@]}"}
 

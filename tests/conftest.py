@@ -41,24 +41,6 @@ def cli():
 @pytest.fixture
 def tiny_llama(tmp_path, smollm2_folder):
     """A 2-layer random Llama that uses SmolLM2's real tokenizer (so --calib FILE works)."""
-    import shutil
+    from tests.helpers import tiny_llama_folder
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path / "tiny"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(smollm2_folder / name, folder / name)
-    return folder
+    return tiny_llama_folder(tmp_path / "tiny", smollm2_folder)

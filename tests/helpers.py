@@ -17,3 +17,30 @@ def calibration_text(tmp_path):
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
     return text
+
+
+def tiny_llama_folder(
+    folder, tokenizer_from, vocab: int = 49152, layers: int = 2, hidden: int = 64
+):
+    """A random tied-embedding Llama saved to `folder` with the tokenizer files of
+    `tokenizer_from` (so real text calibrates it)."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, folder / name)
+    return folder

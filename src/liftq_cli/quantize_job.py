@@ -235,7 +235,8 @@ class QuantizeJob:
     every quantized linear except those in `layers` ({layer: {kind: config}}, kind q_proj, ...,
     down_proj); work_dir: resumable work folder (None: `.OUT.work` beside `out`); recipe: the
     YAML text of the recipe the run was built from, if any (its plan fields and model are
-    carried into the output's recipe and checked against the model).
+    carried into the output's recipe and checked against the model); overwrite: replace a
+    previous quantize output at `out` (anything else there is always refused).
     """
 
     model: str
@@ -245,6 +246,7 @@ class QuantizeJob:
     settings: QuantizeSettings = field(default_factory=QuantizeSettings)
     work_dir: Path | None = None
     recipe: str | None = None
+    overwrite: bool = False  # replace a previous `liftq quantize` output at `out`
 
     def __post_init__(self) -> None:
         if self.settings.mixed and self.layers:

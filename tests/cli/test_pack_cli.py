@@ -58,7 +58,7 @@ def test_pack_bad_input_is_one_line(cli, quant, tmp_path):
     result = cli("pack", str(missing), "--out", str(tmp_path / "o"))
     assert_one_line_error(result, "nope", "liftq quantize")
     result = cli("pack", str(quant), "--out", str(quant / "inner"))
-    assert_one_line_error(result, "inside QUANT_DIR")
+    assert_one_line_error(result, "is inside the input")
     result = cli("pack", str(quant), "--out", str(tmp_path / "o"), "--dtype", "int4", "--json")
     assert_one_line_error(result, "--dtype 'int4'")
     assert json.loads(result.stdout)["exit_code"] == 2

@@ -161,4 +161,4 @@ def test_error_with_json_prints_an_error_object(cli):
 def test_offline_hub_id_not_cached(cli, tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
     result = cli("plan", "-m", "nobody-liftq/not-a-model", "--vram", "24GB", env=env)
-    assert_one_line_error(result, "nobody-liftq/not-a-model", "HF_HUB_OFFLINE=1", code=4)
+    assert_one_line_error(result, "nobody-liftq/not-a-model", "unset HF_HUB_OFFLINE", code=4)

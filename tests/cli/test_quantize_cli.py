@@ -8,16 +8,6 @@ import pytest
 from tests.helpers import assert_one_line_error, calibration_text
 
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.quant.job import config_for_bits
-
-
-def test_bits_pick_the_nearest_catalog_config():
-    assert config_for_bits(2.4) == LatticeConfig(24, 10)
-    assert config_for_bits(3.0).bits == pytest.approx(3.0)
-    # ties go to the lower Gaussian MSE in the catalog manifest
-    assert config_for_bits(2.0) == LatticeConfig(32, 16)
-    assert config_for_bits(2.5) == LatticeConfig(25, 10)
-    assert config_for_bits(2.42) == LatticeConfig(24, 10)
 
 
 @pytest.mark.parametrize("bits", ["5", "0.5"])
@@ -231,7 +221,9 @@ def test_mixed_spreads_the_bits_by_sensitivity_and_a_rerun_reuses_them(cli, tmp_
     ranked = sorted(per_weight, key=per_weight.get)
     assert bits[ranked[-1]] >= bits[ranked[0]] and bits[ranked[-1]] > 3.0
     before = (out / "liftq_codes.safetensors").read_bytes()
-    again = cli(*args)
+    refused = cli(*args)  # the same --out again: a previous output is replaced only when asked
+    assert refused.exit_code == 2 and "--overwrite" in refused.stdout
+    again = cli(*args, "--overwrite")
     assert again.exit_code == 0, again.output
     assert [json.loads(x)["event"] for x in again.stdout.strip().splitlines()] == ["done"]
     assert (out / "liftq_codes.safetensors").read_bytes() == before
@@ -326,3 +318,26 @@ def test_bad_numbers_fail_before_any_work(cli, tmp_path, flag, value, fragment):
     result = cli("quantize", "smollm2-135m", *target, flag, value, "--out", str(out))
     assert_one_line_error(result, fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_a_previous_output_and_cleans_stale_temporaries(
+    cli, tmp_path, tiny_llama
+):
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama), "--config", "LQ-24/10", "--out", str(out)]
+    args += [*tiny_args(tmp_path), "--whiten-steps", "0", "--correction-steps", "0"]
+    assert cli(*args).exit_code == 0
+    stale = tmp_path / ".q.999999999.abcd.tmp"  # a write killed long ago (no such PID)
+    stale.mkdir()
+    (out / "liftq.json").write_text((out / "liftq.json").read_text())  # still ours
+    result = cli(*args, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and (out / "recipe.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".q")) == [".q.work"]
+
+
+def test_help_texts_keep_their_brackets(cli):
+    result = cli("lattice", "train", "--help", env={"COLUMNS": "200"})
+    assert "[a I, H/sqrt(d)]" in result.stdout
+    result = cli("quantize", "--help", env={"COLUMNS": "200"})
+    assert "(default: 64)" in result.stdout and "(default: on)" in result.stdout

@@ -187,3 +187,22 @@ def test_stored_bits_match_the_packed_formats_own_report(tmp_path):
     }
     assert quant.stored_bits == pytest.approx(bits_report(shapes).effective_bits, rel=1e-12)
     assert quant.stored_bits > quant.bits
+
+
+def test_the_card_publishes_no_local_paths(tmp_path):
+    from liftq_cli.hub.card import public_name, public_recipe
+    from liftq_cli.quantize_job import CalibrationSettings, QuantizeSettings
+    from liftq_cli.recipe import Recipe, dumps, loads
+
+    assert public_name("/home/alice/models/Llama-3-8B") == "Llama-3-8B"
+    assert public_name("./out/packed/") == "packed"
+    assert public_name("meta-llama/Meta-Llama-3-8B") == "meta-llama/Meta-Llama-3-8B"
+    assert public_name("smollm2-135m") == "smollm2-135m"
+    settings = QuantizeSettings(calibration=CalibrationSettings("/home/alice/corpus.txt"))
+    text = dumps(Recipe("/home/alice/models/Llama-3-8B", LatticeConfig(24, 10), quantize=settings))
+    shown = loads(public_recipe(text, "meta-llama/Meta-Llama-3-8B"))
+    assert shown.model == "meta-llama/Meta-Llama-3-8B"
+    assert shown.quantize.calibration.source == "corpus.txt"
+    assert "/home/alice" not in public_recipe(text, None)
+    plain = dumps(Recipe("meta-llama/Meta-Llama-3-8B", LatticeConfig(24, 10)))
+    assert public_recipe(plain, "meta-llama/Meta-Llama-3-8B") == plain  # verbatim when clean

@@ -101,7 +101,7 @@ def test_refuses_incomplete_or_misplaced_input(packed, tmp_path):
     quant, _, _ = packed
     with pytest.raises(BadInputError, match="has no liftq.json"):
         pack_quantized(quant.parent / "fp", tmp_path / "x")
-    with pytest.raises(BadInputError, match="inside QUANT_DIR"):
+    with pytest.raises(BadInputError, match="is inside the input"):
         pack_quantized(quant, quant / "packed")
     with pytest.raises(BadInputError, match="--dtype 'int8'"):
         pack_quantized(quant, tmp_path / "y", dtype="int8")

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from tests.runtime.tiny_packed import ATTN, MLP, quant_dir
 
 from liftq_cli.errors import BadInputError
-from liftq_cli.io.codes import pack_codes, unpack_codes
 from liftq_cli.io.quantized import (
     CODES_FILE,
     META_FILE,
@@ -63,17 +62,6 @@ def test_linear_states_come_back_as_bool_codes(quant):
     assert state["scale"].dtype == torch.float32 and state["s1"].shape == (inp,)
     assert set(folder.matrices()) == {"LQ-8/5", "LQ-9/4"}
     assert is_quantized_folder(quant) and not is_quantized_folder(quant.parent / "fp")
-
-
-def test_codes_pack_and_unpack_bit_for_bit():
-    g = torch.Generator().manual_seed(1)
-    for out, slices, D in [(1, 1, 9), (7, 13, 24), (3, 4, 32), (0, 3, 10)]:
-        codes = torch.rand(out, slices, D, generator=g) > 0.5
-        words = pack_codes(codes)
-        assert words.dtype == torch.int32 and words.shape == (out, -(-slices * D // 32))
-        assert torch.equal(unpack_codes(words, slices, D), codes)
-    with pytest.raises(BadInputError, match="expected int32"):
-        unpack_codes(torch.zeros(2, 5, dtype=torch.int32), 13, 24, "x.codes")
 
 
 def copy(quant, tmp_path):

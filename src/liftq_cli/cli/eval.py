@@ -11,6 +11,7 @@ from rich.table import Table
 from liftq_cli.cli._common import console, emit_json, handle_errors, interactive, progress_bar
 from liftq_cli.evaluate.report import evaluate, parse_datasets
 from liftq_cli.io.atomic import write_text_atomic
+from liftq_cli.io.outputs import check_output
 
 
 @handle_errors
@@ -36,10 +37,17 @@ def eval_command(
     save: Path | None = typer.Option(
         None, "--save", help="Also write the JSON report to this file (for `liftq push`)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a previous output of this command at that path."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, no table."),
 ) -> None:
     """Measure perplexity over non-overlapping windows."""
     datasets = parse_datasets(ppl)
+    if save is not None:  # checked before the (long) evaluation
+        inputs = [Path(spec).expanduser() for spec in (model, kld_ref, *datasets) if spec]
+        inputs = [p for p in inputs if p.exists()]
+        check_output(save, "--save", "eval-report", inputs, overwrite)
     with progress_bar(interactive() and not as_json) as update:
         report = evaluate(
             model,

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from liftq_cli.cli._common import console, emit_json, handle_errors, interactive, progress_bar
 from liftq_cli.errors import BadInputError
+from liftq_cli.io.outputs import check_output
 from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.quant.lattice import (
     SearchConfig,
@@ -102,14 +103,19 @@ def train_command(
         "matrix", "--fit", help="Each step fits all of M (matrix) or only its scale (scale)."
     ),
     ratio: float = typer.Option(
-        1.2, "--ratio", help="hadamard init: a in [a I, H/sqrt(d)] of the first start."
+        1.2, "--ratio", help="hadamard init: a in \\[a I, H/sqrt(d)] of the first start."
     ),
     device: str = DEVICE_OPTION,
     out: Path | None = typer.Option(None, "--out", help="Write the matrix here (safetensors)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a previous output of this command at that path."
+    ),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Train the matrix M of LQ-D/d on a Gaussian source (Lloyd) and report its MSE."""
     cfg = LatticeConfig(D, d)
+    if out is not None:  # checked before the training
+        check_output(out, "--out", "lattice-matrix", overwrite=overwrite)
     train = TrainConfig(
         iterations=iterations,
         samples=samples,

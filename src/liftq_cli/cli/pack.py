@@ -18,12 +18,15 @@ def pack_command(
     dtype: str = typer.Option(
         "float16", "--dtype", help="Embeddings, norms, biases: float16, bfloat16 or float32."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a previous output of this command at that path."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, no table."),
 ) -> None:
     """Pack sign codes to D/d bits per weight with fp16 scales and whitening factors."""
     from liftq_cli.io.packed import pack_quantized
 
-    report = pack_quantized(quant_dir, out, dtype=dtype)
+    report = pack_quantized(quant_dir, out, dtype=dtype, overwrite=overwrite)
     if as_json:
         emit_json(report.as_json())
         return

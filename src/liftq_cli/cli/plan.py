@@ -9,6 +9,7 @@ import yaml
 
 from liftq_cli.cli._common import console, emit_json, handle_errors
 from liftq_cli.errors import BadInputError
+from liftq_cli.io.outputs import check_output
 from liftq_cli.plan import memory
 from liftq_cli.plan.architectures import model_reference, resolve_architecture
 from liftq_cli.plan.report import (
@@ -77,6 +78,9 @@ def plan(
         None, "--write-recipe", help="Write the plan as a YAML recipe for `liftq quantize`."
     ),
     list_models: bool = typer.Option(False, "--list-models", help="List presets and exit."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a previous output of this command at that path."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
 ) -> None:
     """Pick the LiftQuant config(s) that fit a model into a VRAM budget, with the breakdown."""
@@ -94,6 +98,9 @@ def plan(
         )
     if sensitivity is not None and not mixed:
         raise BadInputError(f"--sensitivity {sensitivity} needs --mixed: add --mixed")
+    if write_recipe is not None:
+        inputs = [Path(model).expanduser() if Path(model).expanduser().exists() else None]
+        check_output(write_recipe, "--write-recipe", "recipe", [*inputs, sensitivity], overwrite)
     vram_bytes = memory.parse_size(vram, "--vram", memory.MIN_VRAM)
     settings = memory.MemorySettings(
         ctx=ctx,

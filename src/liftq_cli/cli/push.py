@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from liftq_cli.cli._common import console, emit_json, err_console, handle_errors, interactive
+from liftq_cli.errors import BadInputError
 from liftq_cli.hub.card import render_card
 from liftq_cli.hub.folder import CARD_FILENAME, base_model_id, read_folder
 from liftq_cli.hub.upload import (
@@ -17,6 +18,7 @@ from liftq_cli.hub.upload import (
     push,
     resolve_token,
 )
+from liftq_cli.io.quantized import is_quantized_folder
 from liftq_cli.plan.memory import format_bytes
 
 
@@ -59,6 +61,11 @@ def push_command(
     """Upload a quantised model with a model card (token: HF_TOKEN or `hf auth login`)."""
     check_repo_id(repo)
     check_revision(revision)
+    if is_quantized_folder(packed_dir):  # transformers cannot load it: nobody could use it
+        raise BadInputError(
+            f"'{packed_dir}' is a `liftq quantize` output, which transformers cannot load: run "
+            f"`liftq pack {packed_dir} --out PACKED` and push PACKED"
+        )
     info = read_folder(packed_dir, eval_json)
     token, source = (None, "") if dry_run else resolve_token()
     base, warnings = describe_base(info, base_model_id(info, base_model), license_id, token)

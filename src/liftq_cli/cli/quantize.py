@@ -29,36 +29,38 @@ def quantize_command(
     config: str | None = typer.Option(None, "--config", help="Lattice config, e.g. LQ-24/10."),
     recipe: Path | None = typer.Option(None, "--recipe", help="Recipe YAML from `liftq plan`."),
     calib: str | None = typer.Option(
-        None, "--calib", help="Calibration text: wiki or a text file [default: wiki]."
+        None, "--calib", help="Calibration text: wiki or a text file (default: wiki)."
     ),
-    nsamples: int | None = typer.Option(None, "--nsamples", help="Calibration windows [64]."),
-    seqlen: int | None = typer.Option(None, "--seqlen", help="Tokens per window [512]."),
+    nsamples: int | None = typer.Option(
+        None, "--nsamples", help="Calibration windows (default: 64)."
+    ),
+    seqlen: int | None = typer.Option(None, "--seqlen", help="Tokens per window (default: 512)."),
     seed: int | None = typer.Option(
-        None, "--seed", help="Seed for sampling, whitening and correction [0]."
+        None, "--seed", help="Seed for sampling, whitening and correction (default: 0)."
     ),
     work_dir: Path | None = typer.Option(
         None, "--work-dir", help="Resumable work directory (default: .OUT.work beside --out)."
     ),
     whiten_steps: int | None = typer.Option(
-        None, "--whiten-steps", help="Adam steps on s1, s2 [50]."
+        None, "--whiten-steps", help="Adam steps on s1, s2 (default: 50)."
     ),
     correction_steps: int | None = typer.Option(
-        None, "--correction-steps", help="Steps per block [50]."
+        None, "--correction-steps", help="Steps per block (default: 50)."
     ),
     independent: bool | None = typer.Option(
         None, "--independent/--sequential", help="Feed every block full-precision inputs."
     ),
     ldlq: bool | None = typer.Option(
-        None, "--ldlq/--no-ldlq", help="Encode with Hessian error feedback (LDLQ) [on]."
+        None, "--ldlq/--no-ldlq", help="Encode with Hessian error feedback (LDLQ) (default: on)."
     ),
     finetune_steps: int | None = typer.Option(
         None,
         "--finetune-steps",
         help="Model-level KD fine-tuning steps after the blocks (0: off; holds the whole "
-        "model twice in memory) [0].",
+        "model twice in memory) (default: 0).",
     ),
     finetune_lr: float | None = typer.Option(
-        None, "--finetune-lr", help="Peak fine-tuning rate [1e-3]."
+        None, "--finetune-lr", help="Peak fine-tuning rate (default: 1e-3)."
     ),
     finetune_calib: str | None = typer.Option(
         None, "--finetune-calib", help="Fine-tuning text: wiki or a file (default: --calib)."
@@ -68,6 +70,9 @@ def quantize_command(
         "--mixed/--uniform",
         help="Same average bits, spread over the linears by measured sensitivity (one Fisher "
         "pass of the whole model first).",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a previous `liftq quantize` output at --out."
     ),
     as_json: bool = typer.Option(False, "--json", help="JSON-lines progress and a JSON summary."),
 ) -> None:
@@ -115,6 +120,7 @@ def quantize_command(
         settings=override(base, {k: v for k, v in given.items() if v is not None}),
         work_dir=work_dir,
         recipe=recipe_text,
+        overwrite=overwrite,
     )
     bar = interactive() and not as_json
     with progress_bar(bar) as update:

@@ -107,6 +107,7 @@ def evaluate(
         ids = tokenize(loaded.tokenizer, text.text)
         if max_tokens is not None:
             ids = ids[:max_tokens]
+        check_vocabulary(ids, loaded.model, model_spec)
         callback = progress(text.name) if progress else None
         with torch.inference_mode():
             if ref is not None:
@@ -120,6 +121,21 @@ def evaluate(
         report.origins[text.name] = text.origin
     report.seconds = time.perf_counter() - start
     return report
+
+
+def vocabulary(model: torch.nn.Module) -> int:
+    """Rows of the model's input embedding: the token ids it can read."""
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+def check_vocabulary(ids: torch.Tensor, model: torch.nn.Module, spec: str) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer of another model)."""
+    top = int(ids.max()) if ids.numel() else -1
+    if top >= vocabulary(model):
+        raise BadInputError(
+            f"the tokenizer of '{spec}' yields token id {top} but the model has only "
+            f"{vocabulary(model)} embeddings: its tokenizer files belong to another model"
+        )
 
 
 def _load(spec: str) -> LoadedModel:
@@ -138,5 +154,12 @@ def _load_reference(spec: str, loaded: LoadedModel) -> torch.nn.Module:
         raise BadInputError(
             f"--kld-ref '{spec}' has a different tokenizer vocabulary from the model: pass the "
             f"full-precision model it was quantised from"
+        )
+    if vocabulary(ref.model) != vocabulary(loaded.model) or (
+        ref.model.config.vocab_size != loaded.model.config.vocab_size
+    ):
+        raise BadInputError(
+            f"--kld-ref '{spec}' has a vocabulary of {vocabulary(ref.model)} tokens, the model "
+            f"{vocabulary(loaded.model)}: pass the full-precision model it was quantised from"
         )
     return ref.model

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -23,6 +24,7 @@ from liftq_cli.plan.architectures import LINEAR_KINDS, Architecture, from_hf_con
 from liftq_cli.plan.memory import MemorySettings, format_bytes, model_breakdown, quantized_bytes
 from liftq_cli.version import __version__
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CONTEXTS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
 _LINEAR_NAME = re.compile(
     r"layers\.(\d+)\.(?:[\w.]*\.)?(" + "|".join(LINEAR_KINDS) + r")(?:\.weight)?$"
@@ -92,6 +94,36 @@ def _architecture(info: FolderInfo) -> Architecture | None:
         return from_hf_config(info.config, info.folder.name, "config.json")
     except (BadInputError, KeyError, TypeError, ValueError):
         return None
+
+
+def public_name(spec: str) -> str:
+    """A model or file as a Hub reader may see it: a hub id or alias as is, a local path by
+    its last component only (a card must not publish the uploader's file system)."""
+    looks_local = Path(spec).expanduser().exists() or spec.startswith(("/", ".", "~"))
+    if not looks_local and (_HUB_ID.match(spec) or "/" not in spec):
+        return spec
+    return spec.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def public_recipe(text: str, base_id: str | None) -> str:
+    """The recipe with local paths replaced: its model by the base model's hub id (else the
+    folder's name), calibration files by their names. A recipe that does not parse is shown
+    as it is."""
+    from liftq_cli.recipe import dumps, loads
+
+    try:
+        recipe = loads(text)
+    except BadInputError:
+        return text
+    model = public_name(recipe.model)
+    if model != recipe.model and base_id:
+        model = base_id
+    q = recipe.quantize
+    calibration = replace(q.calibration, source=public_name(q.calibration.source))
+    finetune = replace(q.finetune, calib=q.finetune.calib and public_name(q.finetune.calib))
+    quantize = replace(q, calibration=calibration, finetune=finetune)
+    public = replace(recipe, model=model, quantize=quantize)
+    return text if public == recipe else dumps(public)
 
 
 def _recipe_settings(info: FolderInfo) -> MemorySettings:
@@ -208,7 +240,7 @@ def eval_section(info: FolderInfo) -> list[str]:
     ]
     protocols = []
     for run in info.evals:
-        model = str(run.get("model", "?"))
+        model = public_name(str(run.get("model", "?")))
         results = run.get("results", {})
         kld = run.get("kld", {}) or {}
         for text, ppl in run["ppl"].items():
@@ -227,7 +259,7 @@ def eval_section(info: FolderInfo) -> list[str]:
         )
         if run.get("kld_ref"):
             line += (
-                f"; KL(base ‖ model) and top-1 agreement against `{run['kld_ref']}` "
+                f"; KL(base ‖ model) and top-1 agreement against `{public_name(run['kld_ref'])}` "
                 "on the same tokens"
             )
         sources = run.get("sources") or {}
@@ -329,7 +361,7 @@ def render_card(info: FolderInfo, base: BaseInfo, repo_id: str | None = None) ->
     recipe = info.recipe_text
     out += ["", "## Recipe", ""]
     if recipe is not None:
-        out += ["```yaml", recipe.rstrip("\n"), "```"]
+        out += ["```yaml", public_recipe(recipe, base.repo_id).rstrip("\n"), "```"]
     else:
         out.append("No recipe recorded (quantised with `--bits` or `--config`).")
     target = repo_id or "owner/name"

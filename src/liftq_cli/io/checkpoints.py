@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -153,7 +154,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
             model = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
             )
-    except (ValueError, OSError, KeyError, IndexError, RuntimeError, TypeError) as exc:
+    except (
+        ValueError, OSError, KeyError, IndexError, RuntimeError, TypeError, struct.error
+    ) as exc:  # fmt: skip
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadInputError(
             f"cannot read GGUF file '{gguf}' ({first}): the file is corrupt or of an "
@@ -188,10 +191,15 @@ def _hub_snapshot(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except LocalEntryNotFoundError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes"}
+        why = (
+            "HF_HUB_OFFLINE is set, so it was not downloaded: unset HF_HUB_OFFLINE to fetch it once"
+            if offline
+            else "the hub cannot be reached: check the network and retry"
+        )
         raise ResourceError(
-            f"hub model '{repo_id}' is not in the local Hugging Face cache and the hub cannot "
-            f"be reached (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): download it "
-            f"first or pass a local folder"
+            f"hub model '{repo_id}' is not in the local Hugging Face cache and {why}, or pass a "
+            f"local folder"
         ) from exc
     except GatedRepoError as exc:
         raise ResourceError(
@@ -246,6 +254,7 @@ def load_tokenizer(folder: Path) -> Any:
 def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
     """Resolve, materialise and load `spec` as a causal LM in eval mode on the CPU."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     source = resolve(spec)
@@ -256,6 +265,11 @@ def load_model(spec: str, dtype: str = "float32") -> LoadedModel:
     try:
         with quiet_transformers():
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype[dtype])
+    except SafetensorError as exc:
+        raise BadInputError(
+            f"the weights of model '{spec}' in '{folder}' are corrupt ({exc}): re-download or "
+            f"re-export them"
+        ) from None
     except ValueError as exc:
         first = str(exc).splitlines()[0]
         raise BadInputError(f"cannot load model '{spec}': {first}") from exc

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.atomic import atomic_dir
 from liftq_cli.io.codes import pack_codes
+from liftq_cli.io.outputs import check_output
 from liftq_cli.io.packed_format import (
     FORMAT_VERSION,
     LATTICE_MODULE,
@@ -237,7 +238,9 @@ def _formula(shapes: dict[str, tuple[int, int, LatticeConfig]]) -> dict[str, int
     return parts
 
 
-def pack_quantized(quant_dir: Path, out: Path, dtype: str = "float16") -> PackReport:
+def pack_quantized(
+    quant_dir: Path, out: Path, dtype: str = "float16", overwrite: bool = False
+) -> PackReport:
     """Pack the `liftq quantize` output `quant_dir` into `out` (atomic); see the module doc.
 
     Streams: the header comes from the format table, then one linear is packed at a time, so
@@ -248,8 +251,7 @@ def pack_quantized(quant_dir: Path, out: Path, dtype: str = "float16") -> PackRe
         raise BadInputError(f"--dtype '{dtype}' is unknown: use {', '.join(OTHER_DTYPES)}")
     if not quant_dir.is_dir():
         raise BadInputError(f"'{quant_dir}' is not a folder: pass `liftq quantize --out`'s folder")
-    if out.resolve() == quant_dir.resolve() or quant_dir.resolve() in out.resolve().parents:
-        raise BadInputError(f"--out '{out}' is inside QUANT_DIR: choose a folder outside it")
+    check_output(out, "--out", "pack", [quant_dir], overwrite)
     config = _read_json(require(quant_dir, "config.json"))
     quantized = read_quantized(quant_dir)
     meta, layers = quantized.manifest, quantized.layers

@@ -16,8 +16,12 @@ block. Work dirs of liftq 0.1 (codes stored as one bool byte per bit) still resu
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,7 @@ from liftq_cli.io.codes import pack_codes, unpack_codes
 from liftq_cli.lattice_config import LatticeConfig, LatticeConfigError
 
 JOB_FILE = "job.json"
+LOCK_FILE = ".lock"  # flock'ed while a job runs; holds its PID
 STREAMS_FILE = "streams.safetensors"
 STREAMS_STATE = "streams.json"
 SENSITIVITY_FILE = "sensitivity.json"
@@ -64,6 +69,29 @@ class WorkDir:
         self.path = Path(path)
 
     # -- the job --------------------------------------------------------------------------
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the work dir for one job: a second job on it is refused, not interleaved."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / LOCK_FILE, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = handle.read().strip() or "another process"
+                raise BadInputError(
+                    f"--work-dir '{self.path}' is in use by another liftq quantize (PID "
+                    f"{owner}): wait for it to finish or use another --work-dir"
+                ) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def open_job(self, settings: dict[str, Any]) -> str:
         """Start a job with `settings`, or resume the one here; returns its fingerprint.

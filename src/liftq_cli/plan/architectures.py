@@ -314,10 +314,15 @@ def _hub_config(repo_id: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, "config.json", local_files_only=offline))
     except LocalEntryNotFoundError as exc:
+        why = (
+            "HF_HUB_OFFLINE is set, so it was not downloaded: unset HF_HUB_OFFLINE to fetch it once"
+            if offline
+            else "the hub cannot be reached: check the network and retry"
+        )
         raise ResourceError(
-            f"config.json of hub model '{repo_id}' is not in the local Hugging Face cache and the "
-            f"hub cannot be reached (HF_HUB_OFFLINE={'1' if offline else '0'}): go online once "
-            f"or pass a local folder with its config.json"
+            f"config.json of hub model '{repo_id}' is not in the local Hugging Face cache and "
+            f"{why}, or pass a local folder with its config.json (or a preset: `liftq plan "
+            f"--list-models`)"
         ) from exc
     except GatedRepoError as exc:
         raise ResourceError(

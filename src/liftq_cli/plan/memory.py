@@ -51,6 +51,7 @@ DEFAULT_LM_HEAD: Precision = "int8"
 DEFAULT_CUDA_CONTEXT = 700 * MIB
 DEFAULT_WORKSPACE = 128 * MIB
 DEFAULT_PREFILL_CHUNK = 512
+MAX_SIZE = 10**15  # 1 PB: far beyond any node; a larger value is a typo
 MIN_VRAM = 64 * MIB  # below this a --vram value is a forgotten unit, not a GPU
 
 ASSUMPTION_NOTES: dict[str, str] = {
@@ -94,7 +95,17 @@ def parse_size(text: str, option: str = "--vram", minimum: int = 1) -> int:
     value = float(number) * base ** _POWER[prefix]
     if not math.isfinite(value) or value < 1:
         raise BadInputError(f"{option} '{text}' must be a positive size, e.g. 24GB")
+    if value > MAX_SIZE:
+        raise BadInputError(
+            f"{option} '{text}' is {value:.3g} bytes, more than any GPU set-up (at most "
+            f"{format_bytes(MAX_SIZE)}): check the number and the unit"
+        )
     if value < minimum:
+        if prefix:  # it has a unit, just a small one
+            raise BadInputError(
+                f"{option} '{text}' is {format_bytes(int(value))}, less than the "
+                f"{minimum // MIB} MiB any GPU has: did you mean {number}GB?"
+            )
         raise BadInputError(
             f"{option} '{text}' is only {int(value):,} bytes: add a unit, e.g. {number}GB or "
             f"{number}GiB"

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,7 +26,9 @@ from liftq_cli.data.calibration import Calibration, calibration_set, tokenize
 from liftq_cli.data.text import Text, load_text
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, quiet_transformers, resolve
+from liftq_cli.io.outputs import check_output, overlap, resolve_path
 from liftq_cli.io.quantized import write_quantized
+from liftq_cli.io.weights import WeightReader
 from liftq_cli.io.workdir import WorkDir, fingerprint
 from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.plan.architectures import from_hf_config
@@ -86,32 +86,63 @@ def config_for_bits(bits: float) -> LatticeConfig:
     return best
 
 
-def check_writable(out: Path) -> None:
-    """Refuse an --out that cannot be created, before any work starts (missing parent folders
-    are fine: they are made, so the nearest existing ancestor must be writable)."""
-    probe_dir = out.expanduser().resolve().parent
-    while not probe_dir.exists() and probe_dir != probe_dir.parent:
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK):
-        raise BadInputError(f"--out '{out}' cannot be written: choose a writable location")
-    try:
-        tempfile.TemporaryFile(dir=probe_dir).close()
-    except OSError as exc:
-        raise BadInputError(f"--out '{out}' cannot be written ({exc.strerror})") from exc
+def _local(spec: str | None) -> Path | None:
+    """`spec` as a path when it names an existing file or folder (an input to protect)."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    return path if path.exists() else None
+
+
+def check_outputs(job: QuantizeJob) -> None:
+    """Refuse an --out or --work-dir that would destroy data or cannot be written, before
+    any work starts (io/outputs.py)."""
+    settings = job.settings
+    inputs = [_local(job.model), _local(settings.calibration.source)]
+    inputs.append(_local(settings.finetune.calib))
+    check_output(job.out, "--out", "quantize", inputs, job.overwrite)
+    relation = overlap(resolve_path(job.work), resolve_path(job.out))
+    if relation:  # writing --out would replace the work dir, or the reverse
+        raise BadInputError(
+            f"--work-dir '{job.work}' {relation} --out '{job.out}': keep them apart (the default "
+            f"work dir is .NAME.work beside --out)"
+        )
+    # a work dir of this or an earlier job is resumed, never replaced
+    check_output(job.work, "--work-dir", "work", inputs, overwrite=True)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What the resolve stage found: the model folder and config, its decoder linears'
+    shapes, and the calibration (and fine-tuning) windows."""
+
+    folder: Path
+    hf_config: Any
+    shapes: Shapes
+    calibration: Calibration
+    tuning: Calibration | None
 
 
 def run_job(job: QuantizeJob, progress: Progress | None = None) -> QuantizeResult:
     """Quantise `job.model` into `job.out` (see the module docstring)."""
-    from liftq_cli.quant.lattice_catalog import catalog_encode, catalog_mse, load_catalog_matrix
+    resolved = resolve_job(job)
+    work = WorkDir(job.work)
+    with work.lock():
+        return quantize_resolved(job, resolved, work, progress)
+
+
+def resolve_job(job: QuantizeJob) -> Resolved:
+    """Every check that can fail, before any work dir is made or any block quantized."""
+    from liftq_cli.quant.lattice_catalog import load_catalog_matrix
 
     settings = job.settings
     calib = settings.calibration
-    # -- resolve: every check that can fail runs before any work dir is made
-    check_writable(job.out)
+    check_outputs(job)
     for cfg in {job.lattice, *(c for kinds in job.layers.values() for c in kinds.values())}:
         load_catalog_matrix(cfg)  # an unknown lattice fails here
     folder = materialize(resolve(job.model))
     hf_config, skeleton = build_skeleton(folder)  # refuses unsupported architectures early
+    WeightReader(folder)  # a missing, truncated or corrupt weights file fails here
     if job.recipe is not None:
         arch = from_hf_config(hf_config.to_dict(), folder.name, str(folder / "config.json"))
         check_model(loads(job.recipe, "--recipe"), job.model, arch, "--recipe")
@@ -120,11 +151,33 @@ def run_job(job: QuantizeJob, progress: Progress | None = None) -> QuantizeResul
     text = load_text(calib.source)
     tokenizer = load_tokenizer(folder)
     calibration = calibration_set(text, tokenizer, calib.nsamples, calib.seqlen, settings.seed)
+    top = int(calibration.input_ids.max())
+    if top >= hf_config.vocab_size:
+        raise BadInputError(
+            f"the tokenizer in '{folder}' yields token id {top} but the model's vocabulary has "
+            f"{hf_config.vocab_size} entries: its tokenizer files belong to another model"
+        )
     tuning = None
     if settings.finetune.steps:  # checked before the block stage: a short text fails fast
         tuning_text = load_text(settings.finetune.calib) if settings.finetune.calib else text
         tuning = finetune_windows(tuning_text, tokenizer, calib.seqlen, settings.finetune)
-    work = WorkDir(job.work)
+    return Resolved(folder, hf_config, shapes, calibration, tuning)
+
+
+def quantize_resolved(
+    job: QuantizeJob, resolved: Resolved, work: WorkDir, progress: Progress | None = None
+) -> QuantizeResult:
+    """allocate -> blocks -> fine-tune -> write, holding the work dir."""
+    from liftq_cli.quant.lattice_catalog import catalog_encode, catalog_mse, load_catalog_matrix
+
+    settings = job.settings
+    calib = settings.calibration
+    folder, shapes, calibration, tuning = (
+        resolved.folder,
+        resolved.shapes,
+        resolved.calibration,
+        resolved.tuning,
+    )
     # -- allocate
     layers = {k: dict(v) for k, v in job.layers.items()}
     allocation = None
@@ -198,7 +251,7 @@ def run_job(job: QuantizeJob, progress: Progress | None = None) -> QuantizeResul
         folder,
         work,
         job.out,
-        hf_config.num_hidden_layers,
+        resolved.hf_config.num_hidden_layers,
         load_catalog_matrix,
         manifest,
         recipe_text,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from liftq_cli.errors import BadInputError
-from liftq_cli.io.atomic import atomic_dir
+from liftq_cli.io.atomic import atomic_dir, atomic_file
 from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.quant.lattice import DEFAULT_SEARCH, SearchConfig, encode
 from liftq_cli.quant.lattice_train import TrainConfig, TrainResult, train_matrix
@@ -160,8 +160,8 @@ def load_matrix_file(path: Path, cfg: LatticeConfig | None = None) -> Tensor:
 def save_matrix_file(result: TrainResult, path: Path) -> None:
     """Write one trained matrix (safetensors) with its manifest entry as metadata."""
     metadata = {k: str(v) for k, v in result.manifest_entry().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({tensor_key(result.config): result.matrix.contiguous()}, str(path), metadata)
+    with atomic_file(Path(path)) as tmp:
+        save_file({tensor_key(result.config): result.matrix.contiguous()}, str(tmp), metadata)
 
 
 def build_catalog(
