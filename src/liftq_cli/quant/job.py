@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from liftq_cli.data.calibration import Calibration, calibration_set, tokenize
-from liftq_cli.data.text import Text, load_text
+from liftq_cli.data.text import EVAL_SETS, Text, load_text
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, quiet_transformers, resolve
 from liftq_cli.io.outputs import check_output, overlap, resolve_path
@@ -148,6 +148,15 @@ def resolve_job(job: QuantizeJob) -> Resolved:
         check_model(loads(job.recipe, "--recipe"), job.model, arch, "--recipe")
     shapes = linear_shapes(skeleton)
     check_overrides(job.layers, shapes)
+    for option, source in (
+        ("--calib", calib.source),
+        ("--finetune-calib", settings.finetune.calib),
+    ):
+        if source in EVAL_SETS:  # refused by name, before any text is read
+            raise BadInputError(
+                f"{option} {source}: '{source}' is an evaluation set and cannot be used for "
+                f"calibration: use wiki or a text file of your own"
+            )
     text = load_text(calib.source)
     tokenizer = load_tokenizer(folder)
     calibration = calibration_set(text, tokenizer, calib.nsamples, calib.seqlen, settings.seed)
