@@ -62,6 +62,16 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _load(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A work-dir safetensors file; an unreadable one is a BadInputError naming it."""
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as exc:
+        raise BadInputError(
+            f"work-dir {what} '{path}' is unreadable ({exc}): delete the work dir to start over"
+        ) from None
+
+
 class WorkDir:
     """A job's resumable state on disk (see the module docstring for the layout)."""
 
@@ -159,12 +169,7 @@ class WorkDir:
     def load_block(self, layer: int) -> dict[str, tuple[LatticeConfig, LinearState]]:
         """Block `layer`'s linears: {dotted name: (config, state with bool codes)}."""
         path = self.block_file(layer)
-        try:
-            stored = load_file(path)
-        except (OSError, SafetensorError) as exc:
-            raise BadInputError(
-                f"work-dir block '{path}' is unreadable ({exc}): delete the work dir to start over"
-            ) from None
+        stored = _load(path, "block")
         result = {}
         for key in sorted(stored):
             if not key.endswith(".lattice"):
@@ -178,7 +183,7 @@ class WorkDir:
                     f"work-dir block '{path}' is inconsistent at {name} ({exc}): delete the "
                     f"work dir to start over"
                 ) from None
-            if state["codes"].dtype != torch.bool:  # liftq 0.1 stored one byte per bit
+            if state["codes"].dtype != torch.bool:  # packed words (liftq 0.1 stored bools)
                 slices = -(-state["s1"].numel() // cfg.d)
                 state["codes"] = unpack_codes(state["codes"], slices, cfg.D, f"{path}:{name}")
             result[name] = (cfg, state)
@@ -197,13 +202,7 @@ class WorkDir:
             tmp.write_text(json.dumps({"next_layer": next_layer}))
 
     def load_streams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        path = self.path / STREAMS_FILE
-        try:
-            streams = load_file(path)
-        except (OSError, SafetensorError) as exc:
-            raise BadInputError(
-                f"work-dir streams '{path}' are unreadable ({exc}): delete the work dir"
-            ) from None
+        streams = _load(self.path / STREAMS_FILE, "streams")
         return streams["fp"], streams.get("quant", streams["fp"])
 
     # -- cached stages --------------------------------------------------------------------
