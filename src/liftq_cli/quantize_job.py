@@ -50,6 +50,15 @@ def _bool(value: Any, name: str, flag: str) -> None:
         raise BadInputError(f"{name} = {value!r} must be true or false ({flag})")
 
 
+def _device(value: Any) -> None:
+    """auto, cpu, cuda or cuda:N (whether that device exists is checked when the job runs)."""
+    ok = isinstance(value, str) and (
+        value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit())
+    )
+    if not ok:
+        raise BadInputError(f"--device {value!r} is invalid: pass auto, cpu, cuda or cuda:N")
+
+
 def _text(value: Any, name: str, flag: str, optional: bool = False) -> None:
     if value is None and optional:
         return
@@ -247,8 +256,12 @@ class QuantizeJob:
     work_dir: Path | None = None
     recipe: str | None = None
     overwrite: bool = False  # replace a previous `liftq quantize` output at `out`
+    device: str = "auto"
+    tf32: bool = True
 
     def __post_init__(self) -> None:
+        _device(self.device)
+        _bool(self.tf32, "tf32", "--tf32/--no-tf32")
         if self.settings.mixed and self.layers:
             overridden = sum(len(v) for v in self.layers.values())
             raise BadInputError(

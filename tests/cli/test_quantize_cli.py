@@ -66,8 +66,9 @@ def test_a_run_logs_each_block_and_writes_an_evaluable_folder(cli, tmp_path, tin
     result = cli(*args)
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
-    assert [x.split(":")[0] for x in lines[:2]] == ["block 1/2", "block 2/2"]
-    summary = "".join(lines[2:])  # the console may wrap the summary line
+    assert lines[0].startswith("preflight: disk work dir + output ") and "host RAM" in lines[0]
+    assert [x.split(":")[0] for x in lines[1:3]] == ["block 1/2", "block 2/2"]
+    summary = "".join(lines[3:])  # the console may wrap the summary line
     assert "LQ-24/10" in summary and "2 blocks" in summary
     assert (out / "liftq.json").is_file() and (out / "liftq_codes.safetensors").is_file()
     evaluated = cli("eval", str(out), "--ppl", str(calibration_text(tmp_path)), "--ctx", "64")
@@ -85,8 +86,12 @@ def test_json_is_one_event_per_block_then_the_summary(cli, tmp_path, tiny_llama)
     result = cli(*args)
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.stdout.strip().splitlines()]
-    assert [e["event"] for e in events] == ["block", "block", "done"]
-    assert [e["layer"] for e in events[:2]] == [0, 1]
+    assert [e["event"] for e in events] == ["preflight", "block", "block", "done"]
+    preflight = events[0]
+    assert preflight["processes"] == 1 and preflight["estimate"]["blocks"] == 2
+    assert {r["name"] for r in preflight["resources"]} >= {"host RAM", "disk work dir"}
+    assert all(r["fits"] for r in preflight["resources"])
+    assert [e["layer"] for e in events[1:3]] == [0, 1]
     assert events[-1]["config"] == "LQ-24/10" and events[-1]["layers"] == 2
 
 
@@ -151,7 +156,9 @@ def test_finetuning_lands_in_both_files_and_a_rerun_reuses_every_stage(cli, tmp_
     result = cli(*args, "--out", str(out), "--finetune-steps", "3", "--finetune-lr", "0.01")
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.stdout.strip().splitlines()]
-    assert [e["event"] for e in events] == ["block"] * 2 + ["finetune"] * 3 + ["done"]
+    assert [e["event"] for e in events] == ["preflight"] + ["block"] * 2 + ["finetune"] * 3 + [
+        "done"
+    ]
     report = events[-1]["finetune"]
     assert report["kept"] and report["kl_after"] < report["kl_before"]
     tuned = load_file(work / "finetune.safetensors")
@@ -166,14 +173,17 @@ def test_finetuning_lands_in_both_files_and_a_rerun_reuses_every_stage(cli, tmp_
     tuning = ["--finetune-steps", "3", "--finetune-lr", "0.01"]
     again = cli(*args, "--out", str(tmp_path / "q2"), *tuning)
     assert again.exit_code == 0, again.output
-    assert [json.loads(x)["event"] for x in again.stdout.strip().splitlines()] == ["done"]
+    assert [json.loads(x)["event"] for x in again.stdout.strip().splitlines()] == [
+        "preflight",
+        "done",
+    ]
     for name in ("liftq_unquantized.safetensors", "liftq_codes.safetensors", "recipe.yaml"):
         assert (out / name).read_bytes() == (tmp_path / "q2" / name).read_bytes()
     # fine-tuning settings are not part of the block fingerprint: only that stage re-runs
     other = cli(*args, "--out", str(tmp_path / "q3"), "--finetune-steps", "2")
     assert other.exit_code == 0, other.output
     kinds = [json.loads(x)["event"] for x in other.stdout.strip().splitlines()]
-    assert kinds == ["finetune"] * 2 + ["done"]
+    assert kinds == ["preflight"] + ["finetune"] * 2 + ["done"]
     packed = cli("pack", str(out), "--out", str(tmp_path / "packed"), "--json")
     assert packed.exit_code == 0, packed.output
     stored = load_file(tmp_path / "packed" / "model.safetensors")  # the tuned norm travels on
@@ -200,7 +210,7 @@ def test_mixed_spreads_the_bits_by_sensitivity_and_a_rerun_reuses_them(cli, tmp_
     result = cli(*args)
     assert result.exit_code == 0, result.output
     events = [json.loads(line) for line in result.stdout.strip().splitlines()]
-    assert [e["event"] for e in events] == ["sensitivity", "block", "block", "done"]
+    assert [e["event"] for e in events] == ["preflight", "sensitivity", "block", "block", "done"]
     info = json.loads((out / "liftq.json").read_text())
     allocation = info["allocation"]
     assert allocation["method"] == "fisher" and allocation["target_bits"] == 3.0
@@ -225,7 +235,10 @@ def test_mixed_spreads_the_bits_by_sensitivity_and_a_rerun_reuses_them(cli, tmp_
     assert refused.exit_code == 2 and "--overwrite" in refused.stdout
     again = cli(*args, "--overwrite")
     assert again.exit_code == 0, again.output
-    assert [json.loads(x)["event"] for x in again.stdout.strip().splitlines()] == ["done"]
+    assert [json.loads(x)["event"] for x in again.stdout.strip().splitlines()] == [
+        "preflight",
+        "done",
+    ]
     assert (out / "liftq_codes.safetensors").read_bytes() == before
 
 

@@ -13,8 +13,8 @@ from liftq_cli.quant.whitening import Whitening, init_whitening
 def brute_force_encode(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """Exhaustive nearest codeword (tiny D only): independent of the lattice module."""
     D = matrix.shape[1]
-    codebook = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=D)))
-    points = codebook @ matrix.T
+    codebook = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=D)), device=x.device)
+    points = codebook @ matrix.to(x.device).T
     flat = x.reshape(-1, x.shape[-1])
     best = torch.cdist(flat, points).argmin(dim=1)
     return codebook[best].reshape(*x.shape[:-1], D) > 0

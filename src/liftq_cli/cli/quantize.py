@@ -7,6 +7,9 @@ Parses the options into one `QuantizeJob` (settings not given on the command lin
 from __future__ import annotations
 
 import json
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,10 +17,12 @@ from typing import Any
 import typer
 
 from liftq_cli.cli._common import console, handle_errors, interactive, progress_bar
-from liftq_cli.errors import BadInputError
+from liftq_cli.errors import BadInputError, DoesNotFitError, LiftqError, ResourceError
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.quant.events import BlockDone, Event, FinetuneStep, SensitivityStep
+from liftq_cli.quant import preflight
+from liftq_cli.quant.events import BlockDone, Event, FinetuneStep, PreflightReady, SensitivityStep
 from liftq_cli.quant.job import QuantizeResult, config_for_bits, run_job
+from liftq_cli.quant.job import dry_run as dry_run_plan
 from liftq_cli.quantize_job import QuantizeJob, QuantizeSettings
 
 
@@ -74,9 +79,34 @@ def quantize_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a previous `liftq quantize` output at --out."
     ),
+    device: str = typer.Option(
+        "auto", "--device", help="auto (a GPU when CUDA is there, else the CPU), cpu, cuda, cuda:N."
+    ),
+    tf32: bool = typer.Option(
+        True, "--tf32/--no-tf32", help="Allow TF32 for float32 matmuls on CUDA (fp64 stays)."
+    ),
+    nproc: int = typer.Option(
+        1,
+        "--nproc",
+        help="Processes on this machine, one job (launches torch.distributed.run: one per GPU "
+        "with --device cuda; gloo on CPU). Across nodes: torchrun ... -m liftq_cli quantize.",
+    ),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print the preflight (disk, host RAM, GPU memory, time per block) and stop; a job "
+        "that cannot fit exits 3. Needs no weights for a preset (llama-70b).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="JSON-lines progress and a JSON summary."),
 ) -> None:
     """Quantise every linear of the decoder blocks, block by block, resumably."""
+    if nproc < 1 or nproc > 1024:
+        raise BadInputError(f"--nproc {nproc} is invalid: pass a process count from 1 to 1024")
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadInputError(
+            f"--nproc {nproc} under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): let "
+            "torchrun start the processes and drop --nproc"
+        )
     chosen = [
         name
         for name, value in (("--bits", bits), ("--config", config), ("--recipe", recipe))
@@ -121,40 +151,112 @@ def quantize_command(
         work_dir=work_dir,
         recipe=recipe_text,
         overwrite=overwrite,
+        device=device,
+        tf32=tf32,
     )
-    bar = interactive() and not as_json
-    with progress_bar(bar) as update:
-
-        def report(event: Event) -> None:
-            if as_json:
-                print(json.dumps(event.as_json()), flush=True)
-            log = not as_json and not bar  # a log (CI, pipe): plain lines, no bar
-            if isinstance(event, SensitivityStep):
-                if log and event.step == event.steps:
-                    console.print(f"sensitivity measured ({event.steps} batches)", highlight=False)
-                update("sensitivity", event.step, event.steps)
-            elif isinstance(event, FinetuneStep):
-                if log and event.step in (1, event.steps):
-                    console.print(
-                        f"fine-tune step {event.step}/{event.steps}: KL {event.kl:.4g}",
-                        highlight=False,
-                    )
-                update("fine-tune", event.step, event.steps)
-            elif isinstance(event, BlockDone):
-                r = event.report
-                if log:
-                    console.print(
-                        f"block {r.layer + 1}/{event.layers}: output MSE "
-                        f"{r.mse_before:.4g} -> {r.mse_after:.4g}, {r.seconds:.0f} s",
-                        highlight=False,
-                    )
-                update("blocks", r.layer + 1, event.layers)
-
-        result = run_job(job, report)
+    if dry_run:
+        world = nproc if nproc > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+        pre = dry_run_plan(job, world)
+        if as_json:
+            print(json.dumps({"event": "preflight", **preflight.as_json(pre)}), flush=True)
+        else:
+            console.print(preflight.render(pre), highlight=False, markup=False)
+        preflight.check(pre)
+        return
+    if nproc > 1:
+        result = launch(job, nproc, as_json)
+    else:
+        bar = interactive() and not as_json and int(os.environ.get("RANK", "0")) == 0
+        with progress_bar(bar) as update:
+            result = run_job(job, reporter(as_json, bar, update))
+    if result is None:  # a rank other than 0: rank 0 reports
+        return
     if as_json:  # JSON lines throughout: the summary is the last line
         print(json.dumps({"event": "done", **result.as_json()}), flush=True)
         return
     print_summary(model, result)
+
+
+def reporter(as_json: bool, bar: bool, update) -> Callable[[Event], None]:
+    """The progress callback: JSON lines, a bar's updates, or plain log lines."""
+
+    def report(event: Event) -> None:
+        if as_json:
+            print(json.dumps(event.as_json()), flush=True)
+        log = not as_json and not bar  # a log (CI, pipe): plain lines, no bar
+        if isinstance(event, SensitivityStep):
+            if log and event.step == event.steps:
+                console.print(f"sensitivity measured ({event.steps} batches)", highlight=False)
+            update("sensitivity", event.step, event.steps)
+        elif isinstance(event, FinetuneStep):
+            if log and event.step in (1, event.steps):
+                console.print(
+                    f"fine-tune step {event.step}/{event.steps}: KL {event.kl:.4g}",
+                    highlight=False,
+                )
+            update("fine-tune", event.step, event.steps)
+        elif isinstance(event, PreflightReady):
+            if not as_json:
+                console.print(event.line, highlight=False, markup=False, soft_wrap=True)
+        elif isinstance(event, BlockDone):
+            r = event.report
+            if log:
+                console.print(
+                    f"block {r.layer + 1}/{event.layers}: output MSE "
+                    f"{r.mse_before:.4g} -> {r.mse_after:.4g}, {r.seconds:.0f} s",
+                    highlight=False,
+                )
+            update("blocks", r.layer + 1, event.layers)
+
+    return report
+
+
+def _worker(job: QuantizeJob, as_json: bool) -> tuple[str, Any]:
+    """One process of `--nproc`: ("ok", result on rank 0 / None) or ("error", (class, line))."""
+    try:
+        return "ok", run_job(job, reporter(as_json, False, lambda *_: None))
+    except LiftqError as exc:
+        return "error", (type(exc).__name__, str(exc))
+
+
+def launch(job: QuantizeJob, nproc: int, as_json: bool) -> QuantizeResult:
+    """Run the job in `nproc` local processes through torch.distributed's elastic launcher
+    (what torchrun --standalone does), each with its share of the CPU threads unless
+    OMP_NUM_THREADS says otherwise; a failed rank fails the job in one line."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # the launcher's own notices (a rank being stopped after another failed) are not ours to
+    # show; a failing rank's traceback (an error) still is
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"liftq-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    try:
+        outcomes = elastic_launch(config, _worker)(job, as_json)
+    except ChildFailedError as failed:
+        rank, failure = failed.get_first_failure()
+        raise ResourceError(
+            f"rank {rank} of {nproc} died (exit code {failure.exitcode}): the work dir "
+            f"'{job.work}' keeps every finished block; rerun the same command to resume"
+        ) from None
+    for rank in sorted(outcomes):  # a refusal: every rank raised it, report rank 0's
+        status, value = outcomes[rank]
+        if status == "error":
+            kind, line = value
+            raise {"BadInputError": BadInputError, "DoesNotFitError": DoesNotFitError}.get(
+                kind, ResourceError
+            )(line)
+    return outcomes[0][1]
 
 
 def override(settings: QuantizeSettings, given: dict[str, Any]) -> QuantizeSettings:

@@ -30,7 +30,7 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     out, slices, D = codes.shape
     flat = codes.reshape(out, slices * D).bool()
     if out == 0:
-        return torch.zeros(0, words_per_row(slices, D), dtype=torch.int32)
+        return torch.zeros(0, words_per_row(slices, D), dtype=torch.int32, device=codes.device)
     rows = max(1, CHUNK_BITS // max(slices * D, 1))
     return torch.cat([pack_bits(chunk) for chunk in flat.split(rows)])
 
@@ -48,5 +48,6 @@ def unpack_codes(words: torch.Tensor, slices: int, D: int, name: str = "codes") 
         )
     rows = max(1, CHUNK_BITS // max(slices * D, 1))
     parts = [unpack_bits(chunk, slices * D) for chunk in words.split(rows)] if len(words) else []
-    bits = torch.cat(parts) if parts else torch.zeros(0, slices * D, dtype=torch.bool)
+    empty = torch.zeros(0, slices * D, dtype=torch.bool, device=words.device)
+    bits = torch.cat(parts) if parts else empty
     return bits.view(words.shape[0], slices, D)

@@ -218,3 +218,21 @@ def check_output(
     _check_writable(resolved, option)
     clean_stale(resolved)
     return resolved
+
+
+def existing(specs: Iterable[str | None]) -> list[Path]:
+    """The specs that name an existing file or folder: the inputs an output must spare."""
+    paths = [Path(spec).expanduser() for spec in specs if spec is not None]
+    return [path for path in paths if path.exists()]
+
+
+def check_work_dir(work: Path, out: Path, inputs: Iterable[Path]) -> None:
+    """A job's resumable --work-dir: apart from its --out, and `check_output`'s rules (a
+    work dir of this or an earlier job is resumed, never replaced)."""
+    relation = overlap(resolve_path(work), resolve_path(out))
+    if relation:  # writing --out would replace the work dir, or the reverse
+        raise BadInputError(
+            f"--work-dir '{work}' {relation} --out '{out}': keep them apart (the default "
+            f"work dir is .NAME.work beside --out)"
+        )
+    check_output(work, "--work-dir", "work", inputs, overwrite=True)

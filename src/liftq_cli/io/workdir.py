@@ -146,13 +146,14 @@ class WorkDir:
         linears: dict[str, tuple[LatticeConfig, LinearState]],
         report: dict[str, Any],
     ) -> None:
-        """Store block `layer`'s linears ({dotted name: (config, state)}, bool codes)."""
+        """Store block `layer`'s linears ({dotted name: (config, state)}, bool codes; on any
+        device, stored from host memory)."""
         tensors: dict[str, torch.Tensor] = {}
         for name, (cfg, state) in linears.items():
-            tensors[f"{name}.codes"] = pack_codes(state["codes"])
+            tensors[f"{name}.codes"] = pack_codes(state["codes"].cpu())
             for part in LINEAR_STATE[1:]:
-                tensors[f"{name}.{part}"] = state[part].contiguous()
-            tensors[f"{name}.lattice"] = torch.tensor([cfg.D, cfg.d])
+                tensors[f"{name}.{part}"] = state[part].cpu().contiguous()
+            tensors[f"{name}.lattice"] = torch.tensor([cfg.D, cfg.d], device="cpu")
         with atomic_file(self.block_file(layer)) as tmp:
             save_file(tensors, str(tmp), metadata={"report": json.dumps(report)})
 
@@ -193,9 +194,9 @@ class WorkDir:
 
     def save_streams(self, next_layer: int, fp: torch.Tensor, quant: torch.Tensor) -> None:
         """The activations entering block `next_layer` (`quant` may be `fp` itself)."""
-        tensors = {"fp": fp.contiguous()}
+        tensors = {"fp": fp.contiguous().cpu()}
         if quant is not fp:
-            tensors["quant"] = quant.contiguous()
+            tensors["quant"] = quant.contiguous().cpu()
         with atomic_file(self.path / STREAMS_FILE) as tmp:
             save_file(tensors, str(tmp))
         with atomic_file(self.path / STREAMS_STATE) as tmp:

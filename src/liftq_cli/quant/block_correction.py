@@ -104,16 +104,17 @@ def correct_block(
             total = 0.0
             for start in range(0, inputs.shape[0], config.batch):
                 out = run_block(block, inputs[start : start + config.batch])
-                total += float((out - targets[start : start + config.batch]).pow(2).sum())
+                want = targets[start : start + config.batch].to(out.device)
+                total += float((out - want).pow(2).sum())
             return total / targets.numel()
 
     before = full_mse()
     snapshot = {id(p): p.detach().clone() for p in code_params + scale_params}
     norm = targets.pow(2).mean().clamp_min(1e-12)
     for _ in range(config.steps):
-        idx = torch.randint(0, inputs.shape[0], (config.batch,), generator=generator)
+        idx = torch.randint(0, inputs.shape[0], (config.batch,), generator=generator, device="cpu")
         out = run_block(block, inputs[idx])
-        loss = (out - targets[idx]).pow(2).mean() / norm
+        loss = (out - targets[idx].to(out.device)).pow(2).mean() / norm
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

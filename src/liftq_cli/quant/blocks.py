@@ -30,9 +30,19 @@ from liftq_cli.io.weights import WeightReader
 from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant.block_correction import CorrectableLinear, correct_block
+from liftq_cli.quant.device import stream_home, to_home
 from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.events import BlockDone, BlockReport, Progress
+from liftq_cli.quant.exchange import (
+    gram_stats,
+    lend_threads,
+    linear_kinds,
+    share_correction,
+    share_state,
+)
 from liftq_cli.quant.ldlq import Encoder
+from liftq_cli.quant.parallel import SOLO, Ranks, Team, assign
+from liftq_cli.quant.reconstruct import QuantizedLinear
 from liftq_cli.quant.whitening import fit_whitening
 from liftq_cli.quantize_job import QuantizeSettings
 
@@ -58,13 +68,11 @@ def build_skeleton(folder: Path):
     return config, model
 
 
-def linear_kinds(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside a decoder block, keyed by its dotted name (self_attn.q_proj, ...)."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-
-
-def load_block(block: nn.Module, reader: WeightReader, prefix: str) -> None:
-    block.to_empty(device="cpu")
+def load_block(
+    block: nn.Module, reader: WeightReader, prefix: str, device: torch.device | str = "cpu"
+) -> None:
+    """Materialise a meta-device block on `device` with its weights (float32)."""
+    block.to_empty(device=device)
     for name, tensor in list(block.named_parameters()) + list(block.named_buffers()):
         key = f"{prefix}{name}"
         if key in reader:
@@ -77,26 +85,11 @@ def load_block(block: nn.Module, reader: WeightReader, prefix: str) -> None:
 def collect_stats(
     block: nn.Module, run: RunBlock, inputs: torch.Tensor, batch: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Gram matrix X^T X and mean |x| of every linear's input over the calibration inputs."""
-    linears = linear_kinds(block)
-    stats = {name: [0.0, 0.0, 0] for name in linears}
-    hooks = []
-    for name, module in linears.items():
-
-        def hook(_m, args, _out, name=name):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            entry = stats[name]
-            entry[0] = entry[0] + x.T @ x
-            entry[1] = entry[1] + x.abs().sum(0)
-            entry[2] += x.shape[0]
-
-        hooks.append(module.register_forward_hook(hook))
-    with torch.no_grad():
-        for start in range(0, inputs.shape[0], batch):
-            run(block, inputs[start : start + batch])
-    for handle in hooks:
-        handle.remove()
-    return {k: ((g / n).float(), (a / n).float()) for k, (g, a, n) in stats.items()}
+    """Gram matrix X^T X and mean |x| (float32, on the inputs' compute device) of every
+    linear's input over the calibration inputs; linears reading one tensor share one
+    fp64 accumulation, and batches are summed in quant/stats.py's fixed tree."""
+    team = Team(SOLO, batch, inputs.shape[0])
+    return gram_stats(block, run, inputs, team, inputs.shape[1], {})
 
 
 def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -104,11 +97,17 @@ def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def _forward(block, hidden, position_embeddings, batch: int) -> torch.Tensor:
+def _forward(
+    block, hidden, position_embeddings, batch: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """The block's output for hidden [n, seq, h], `batch` windows at a time on `device` (the
+    block's; default: hidden's), returned where `hidden` lives (GPU or pinned host)."""
+    device = hidden.device if device is None else device
     outs = []
     for start in range(0, hidden.shape[0], batch):
-        out = block(hidden[start : start + batch], position_embeddings=position_embeddings)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+        x = hidden[start : start + batch].to(device, non_blocking=True)
+        out = block(x, position_embeddings=position_embeddings)
+        outs.append((out[0] if isinstance(out, tuple) else out).to(hidden.device))
     return torch.cat(outs)
 
 
@@ -122,18 +121,32 @@ def quantize_block(
     matrices: Matrices,
     encode: Encoder,
     settings: QuantizeSettings,
+    team: Team | None = None,
 ) -> tuple[dict[str, tuple[LatticeConfig, dict[str, torch.Tensor]]], BlockReport]:
     """Whiten, encode and correct every linear of one loaded block, in place.
 
-    inputs/targets: float32 [n, seq, hidden], the block's inputs and full-precision outputs.
+    inputs/targets: float32 [n, seq, hidden], the block's inputs and full-precision outputs
+    (with a team of several ranks: full on the root, this rank's windows elsewhere).
     Afterwards the block computes with its quantized linears. Returns {dotted name: (config,
     state)} for the work dir and the block's report.
+
+    With several ranks each linear is whitened and encoded by one owner (largest out x in^2
+    first, to the least-loaded rank) and its state broadcast; correction runs on the root
+    over all windows (so its gradients sum exactly as one process's do) and the trained
+    parameters are broadcast, so every rank ends with the same block.
     """
     began = time.perf_counter()
-    stats = collect_stats(block, run, inputs, settings.correction.batch)
-    proxy = []
-    timings = {"whiten": 0.0, "encode": 0.0}
-    for index, (name, linear) in enumerate(linear_kinds(block).items()):
+    team = team or Team(SOLO, settings.correction.batch, inputs.shape[0])
+    ranks = team.ranks
+    linears = linear_kinds(block)
+    compute = next(iter(linears.values())).weight.device
+    costs = {n: float(m.out_features) * m.in_features**2 for n, m in linears.items()}
+    owner = assign(costs, ranks.world)
+    stats = gram_stats(block, run, inputs, team, inputs.shape[1], owner)
+    done: dict[str, tuple[dict[str, torch.Tensor], list[float]]] = {}
+    for index, (name, linear) in enumerate(linears.items()):
+        if owner[name] != ranks.rank:
+            continue
         cfg = config_for(layer, name.rpartition(".")[2])
         gram, act = stats[name]
         tick = time.perf_counter()
@@ -148,8 +161,7 @@ def quantize_block(
             # SmolLM2 the AWQ exponent then adds error (bench/ldlq.py).
             alphas=(0.0,) if settings.ldlq else (0.0, 0.25, 0.5, 0.75),
         )
-        proxy.append(err)
-        timings["whiten"] += time.perf_counter() - tick
+        whiten = time.perf_counter() - tick
         tick = time.perf_counter()
         quant = quantize_linear(
             linear.weight.detach(),
@@ -159,18 +171,32 @@ def quantize_block(
             encode,
             gram=gram if settings.ldlq else None,
         )
-        timings["encode"] += time.perf_counter() - tick
+        done[name] = (quant.state(), [err, whiten, time.perf_counter() - tick])
+    proxy = []
+    spent = [[0.0, 0.0] for _ in range(ranks.world)]  # whiten, encode seconds of each rank
+    for name, linear in linears.items():
+        cfg = config_for(layer, name.rpartition(".")[2])
+        state, (err, whiten, encoded) = share_state(ranks, done.get(name), owner[name])
+        proxy.append(err)
+        spent[owner[name]][0] += whiten
+        spent[owner[name]][1] += encoded
+        matrix = matrices(cfg).to(linear.weight.device, torch.float32)
+        quant = QuantizedLinear.from_state(state, cfg, matrix)
         bias = None if linear.bias is None else linear.bias.detach()
         _set_module(block, name, CorrectableLinear(quant, bias, settings.correction.latent_init))
     correction = replace(settings.correction, seed=settings.seed * 1000 + layer)
     tick = time.perf_counter()
-    result = correct_block(block, inputs, targets, run, correction)
+    result = None
+    if ranks.root:
+        with lend_threads(ranks, compute):
+            result = correct_block(block, inputs, targets, run, correction)
+    result = share_correction(ranks, block, result)
     seconds_correct = time.perf_counter() - tick
-    linears = {}
+    linears_out = {}
     for name, module in block.named_modules():
         if isinstance(module, CorrectableLinear):
             exported = module.export()
-            linears[name] = (exported.cfg, exported.state())
+            linears_out[name] = (exported.cfg, exported.state())
     report = BlockReport(
         layer,
         sum(proxy) / len(proxy),
@@ -178,11 +204,10 @@ def quantize_block(
         result.mse_after,
         result.flipped,
         time.perf_counter() - began,
-        timings["whiten"],
-        timings["encode"],
+        *max(spent, key=sum),  # the busiest rank's: what the block waited for
         seconds_correct,
     )
-    return linears, report
+    return linears_out, report
 
 
 def _flush_denormal(fn: Callable) -> Callable:
@@ -205,70 +230,96 @@ def quantize_blocks(
     folder: Path,
     config_for: ConfigFor,
     calib_ids: torch.Tensor,
-    work: WorkDir,
+    work: WorkDir | None,
     matrices: Matrices,
     encode: Encoder,
     settings: QuantizeSettings,
     job_settings: dict,
     progress: Progress | None = None,
+    device: torch.device | str = "cpu",
+    ranks: Ranks = SOLO,
 ) -> list[BlockReport]:
     """Quantise every decoder block of the model in `folder`; results land in `work`.
 
     calib_ids: int64 [nsamples, seqlen]; job_settings: what else identifies the job (model,
     calibration, ...) for the work dir's fingerprint. Returns one report per block (resumed
-    ones included).
+    ones included). device: where every stage computes (quant/device.py); the streams stay
+    on it when they fit, else in pinned host memory.
+
+    ranks: the processes of the job (quant/parallel.py). Each runs the forwards and Gram
+    sums of its own windows; the root (the only one with a `work` dir) also holds the full
+    streams, corrects each block and saves it, so a job resumes with any number of ranks.
     """
+    device = torch.device(device)
     config, skeleton = build_skeleton(folder)
     reader = WeightReader(folder)
-    work.open_job(
-        dict(
-            job_settings,
-            options=settings.block_options(),
-            weights=reader.fingerprint(),
-            job_version=JOB_VERSION,
+    team = Team(ranks, settings.correction.batch, calib_ids.shape[0])
+    if ranks.root:
+        assert work is not None, "the root rank owns the work dir"
+        work.open_job(
+            dict(
+                job_settings,
+                options=settings.block_options(),
+                weights=reader.fingerprint(),
+                job_version=JOB_VERSION,
+            )
         )
-    )
     backbone = skeleton.model
-    rotary = type(backbone.rotary_emb)(config=config)
+    with torch.device(device):  # transformers builds inv_freq on the default device
+        rotary = type(backbone.rotary_emb)(config=config)
     seqlen = calib_ids.shape[1]
     with torch.no_grad():
-        probe = torch.zeros(1, seqlen, config.hidden_size)
-        position_embeddings = rotary(probe, torch.arange(seqlen).unsqueeze(0))
+        probe = torch.zeros(1, seqlen, config.hidden_size, device=device)
+        position_embeddings = rotary(probe, torch.arange(seqlen, device=device).unsqueeze(0))
     batch = settings.correction.batch
+    held = calib_ids.shape[0] if ranks.root else team.counts[ranks.rank]
+    stream_bytes = held * seqlen * config.hidden_size * 4
+    # keep room for a block's weights, Grams and correction state (a rough 16 x weights)
+    reserve = 16 * 4 * sum(p.numel() for p in backbone.layers[0].parameters())
+    home = stream_home(device, stream_bytes, reserve)
 
     def run(block, hidden):
-        return _forward(block, hidden, position_embeddings, batch)
+        return _forward(block, hidden, position_embeddings, batch, device)
 
-    start_layer = work.done()
+    start_layer = ranks.broadcast_object(work.done() if ranks.root else None)
     if start_layer == 0:
+        ids = calib_ids if ranks.root else calib_ids[team.rows()]
         embed = reader.get("model.embed_tokens.weight").float()
-        hidden = nn.functional.embedding(calib_ids, embed)
+        hidden = nn.functional.embedding(ids, embed)
         if config.model_type.startswith("gemma"):
             hidden = hidden * torch.tensor(config.hidden_size**0.5, dtype=hidden.dtype)
-        fp_stream = hidden
-        q_stream = hidden.clone() if settings.sequential else hidden
-        del embed
+        fp_stream = to_home(hidden, home, device)
+        q_stream = fp_stream.clone() if settings.sequential else fp_stream
+        del embed, hidden
     else:
-        fp_stream, q_stream = work.load_streams()
+        streams = work.load_streams() if ranks.root else (None, None)
+        shape = (seqlen, config.hidden_size)
+        held_streams = []
+        for stream in streams:  # the root keeps the full streams, the others their rows
+            shard = ranks.scatter_rows(stream, team.counts, shape, torch.float32)
+            held_streams.append(to_home(stream if ranks.root else shard, home, device))
+        fp_stream, q_stream = held_streams
     reports: list[BlockReport] = []
     for layer in range(config.num_hidden_layers):
         if layer < start_layer:
-            reports.append(BlockReport(**work.block_report(layer)))
+            if ranks.root:
+                reports.append(BlockReport(**work.block_report(layer)))
             continue
         block = backbone.layers[layer]
-        load_block(block, reader, f"model.layers.{layer}.")
+        load_block(block, reader, f"model.layers.{layer}.", device)
         block.eval()
         with torch.no_grad():
-            targets = run(block, fp_stream)
+            targets = team.gather(run(block, team.local(fp_stream)))
         inputs = q_stream if settings.sequential else fp_stream
         linears, report = quantize_block(
-            block, layer, inputs, targets, run, config_for, matrices, encode, settings
+            block, layer, inputs, targets, run, config_for, matrices, encode, settings, team
         )
         with torch.no_grad():
-            next_q = run(block, inputs) if settings.sequential else targets
-        work.save_block(layer, linears, asdict(report))
+            next_q = team.gather(run(block, team.local(inputs))) if settings.sequential else targets
         fp_stream, q_stream = targets, next_q
-        work.save_streams(layer + 1, fp_stream, q_stream)
+        if ranks.root:
+            work.save_block(layer, linears, asdict(report))
+            work.save_streams(layer + 1, fp_stream, q_stream)
         reports.append(report)
         block.to("meta")
         del block, linears, targets, inputs
@@ -283,6 +334,8 @@ def _release_memory() -> None:
     about four times a block's weights per block (autograd reference cycles, and glibc
     keeping freed chunks in per-thread arenas), so peak memory would scale with depth."""
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):  # not glibc (musl): no trim
             ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -25,7 +25,7 @@ def slice_rows(rows: torch.Tensor, d: int) -> torch.Tensor:
     """[out, n] -> [out, ceil(n/d), d], zero-padded."""
     out, n = rows.shape
     n_slices = math.ceil(n / d)
-    padded = torch.zeros(out, n_slices * d, dtype=rows.dtype)
+    padded = torch.zeros(out, n_slices * d, dtype=rows.dtype, device=rows.device)
     padded[:, :n] = rows
     return padded.view(out, n_slices, d)
 
@@ -54,6 +54,8 @@ def quantize_linear(
 
     gram: the layer's calibration X^T X [in, in]; when given, slices are encoded with LDLQ
     error feedback and the row scales minimise the output error instead of the weight error.
+    Computes on weight's device; `matrix` may stay on the CPU (the encoder caches its search
+    plan per matrix and device without a device sync).
     """
     whitened = whiten_weight(weight.float(), whitening)
     rms = whitened.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
@@ -64,7 +66,8 @@ def quantize_linear(
         hessian = whitened_hessian(gram, whitening)
         metric = hessian.float()
         codes = ldlq_encode(whitened / rms, hessian, matrix, encode)
-    approx = ((codes.float() * 2 - 1) @ matrix.T).reshape(weight.shape[0], -1)
+    decode = matrix.to(weight.device, torch.float32)
+    approx = ((codes.float() * 2 - 1) @ decode.T).reshape(weight.shape[0], -1)
     approx = approx[:, : weight.shape[1]]
     scale = row_scales(whitened, approx, metric)
-    return QuantizedLinear(cfg, weight.shape[1], codes, scale.float(), whitening, matrix.float())
+    return QuantizedLinear(cfg, weight.shape[1], codes, scale.float(), whitening, decode)

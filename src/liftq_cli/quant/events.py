@@ -60,5 +60,17 @@ class FinetuneStep:
         return {"event": "finetune", "step": self.step, "steps": self.steps, "kl": self.kl}
 
 
-Event = SensitivityStep | BlockDone | FinetuneStep
+@dataclass(frozen=True)
+class PreflightReady:
+    """The job's needs against this machine (quant/preflight.py), before any work: `line`
+    sums it up, `plan` is its JSON form."""
+
+    line: str
+    plan: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"event": "preflight", **self.plan}
+
+
+Event = SensitivityStep | BlockDone | FinetuneStep | PreflightReady
 Progress = Callable[[Event], None]

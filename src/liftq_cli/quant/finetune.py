@@ -184,9 +184,9 @@ def tuned_tensors(student: nn.Module, tuned: dict[str, TunedLinear]) -> dict[str
     out = {}
     for name, module in tuned.items():
         quant = module.export()
-        out[f"{name}.scale"] = quant.scale.float().contiguous()
-        out[f"{name}.s1"] = quant.whitening.s1.float().contiguous()
-        out[f"{name}.s2"] = quant.whitening.s2.float().contiguous()
+        out[f"{name}.scale"] = quant.scale.float().cpu().contiguous()
+        out[f"{name}.s1"] = quant.whitening.s1.float().cpu().contiguous()
+        out[f"{name}.s2"] = quant.whitening.s2.float().cpu().contiguous()
     for name, p in norm_weights(student).items():
-        out[name] = p.detach().float().clone().contiguous()
+        out[name] = p.detach().float().cpu().clone().contiguous()
     return out

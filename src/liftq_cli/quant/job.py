@@ -22,22 +22,24 @@ from typing import Any
 
 import torch
 
-from liftq_cli.data.calibration import Calibration, calibration_set, tokenize
-from liftq_cli.data.text import EVAL_SETS, Text, load_text
-from liftq_cli.errors import BadInputError
-from liftq_cli.io.checkpoints import load_tokenizer, materialize, quiet_transformers, resolve
-from liftq_cli.io.outputs import check_output, overlap, resolve_path
+from liftq_cli.data.calibration import Calibration, calibration_set
+from liftq_cli.data.text import EVAL_SETS, load_text
+from liftq_cli.errors import BadInputError, LiftqError, ResourceError
+from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve
+from liftq_cli.io.outputs import check_output, check_work_dir, existing
 from liftq_cli.io.quantized import write_quantized
 from liftq_cli.io.weights import WeightReader
-from liftq_cli.io.workdir import WorkDir, fingerprint
+from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
-from liftq_cli.plan.architectures import from_hf_config
+from liftq_cli.plan.architectures import Architecture, from_hf_config
+from liftq_cli.quant import preflight
 from liftq_cli.quant.blocks import build_skeleton, quantize_blocks
-from liftq_cli.quant.events import FinetuneStep, Progress
-from liftq_cli.quant.finetune import attach, finetune, tuned_tensors
+from liftq_cli.quant.device import precision, resolve_device
+from liftq_cli.quant.events import PreflightReady, Progress
+from liftq_cli.quant.finetune_stage import finetune_stage, finetune_windows
 from liftq_cli.quant.mixed import SENSITIVITY_WINDOWS, allocate_bits, measure_sensitivity
-from liftq_cli.quant.reconstruct import QuantizedLinear
-from liftq_cli.quantize_job import FinetuneConfig, QuantizeJob
+from liftq_cli.quant.parallel import SOLO, Ranks, join, leave, world_from_env
+from liftq_cli.quantize_job import QuantizeJob
 from liftq_cli.recipe import check_model, dumps, for_job, loads
 
 BITS_TOLERANCE = 0.05
@@ -86,29 +88,13 @@ def config_for_bits(bits: float) -> LatticeConfig:
     return best
 
 
-def _local(spec: str | None) -> Path | None:
-    """`spec` as a path when it names an existing file or folder (an input to protect)."""
-    if spec is None:
-        return None
-    path = Path(spec).expanduser()
-    return path if path.exists() else None
-
-
 def check_outputs(job: QuantizeJob) -> None:
     """Refuse an --out or --work-dir that would destroy data or cannot be written, before
     any work starts (io/outputs.py)."""
     settings = job.settings
-    inputs = [_local(job.model), _local(settings.calibration.source)]
-    inputs.append(_local(settings.finetune.calib))
+    inputs = existing((job.model, settings.calibration.source, settings.finetune.calib))
     check_output(job.out, "--out", "quantize", inputs, job.overwrite)
-    relation = overlap(resolve_path(job.work), resolve_path(job.out))
-    if relation:  # writing --out would replace the work dir, or the reverse
-        raise BadInputError(
-            f"--work-dir '{job.work}' {relation} --out '{job.out}': keep them apart (the default "
-            f"work dir is .NAME.work beside --out)"
-        )
-    # a work dir of this or an earlier job is resumed, never replaced
-    check_output(job.work, "--work-dir", "work", inputs, overwrite=True)
+    check_work_dir(job.work, job.out, inputs)
 
 
 @dataclass(frozen=True)
@@ -121,30 +107,72 @@ class Resolved:
     shapes: Shapes
     calibration: Calibration
     tuning: Calibration | None
+    device: torch.device
+    arch: Architecture
+    dtype_bytes: int  # of the checkpoint's tensors
 
 
-def run_job(job: QuantizeJob, progress: Progress | None = None) -> QuantizeResult:
-    """Quantise `job.model` into `job.out` (see the module docstring)."""
-    resolved = resolve_job(job)
-    work = WorkDir(job.work)
-    with work.lock():
-        return quantize_resolved(job, resolved, work, progress)
+def run_job(job: QuantizeJob, progress: Progress | None = None) -> QuantizeResult | None:
+    """Quantise `job.model` into `job.out` (see the module docstring).
+
+    Under torchrun (or `liftq quantize --nproc N`) every rank runs this; the root (rank 0)
+    owns the work dir and the output and returns the result, the others take part in the
+    block stage and return None."""
+    _, world, local_rank = world_from_env()
+    device = resolve_device(job.device, local_rank)  # a missing GPU fails before any work
+    ranks = join(device)
+    try:
+        error, resolved = None, None
+        try:
+            resolved = resolve_job(job, device, check=ranks.root)
+            if ranks.root:
+                pre = preflight.plan(
+                    job, resolved.arch, ranks.world, dtype_bytes=resolved.dtype_bytes
+                )
+                if progress is not None:
+                    progress(PreflightReady(preflight.summary(pre), preflight.as_json(pre)))
+                preflight.check(pre)
+        except LiftqError as refused:
+            error = refused
+        ranks.agree(error)  # a refusal on one rank fails every rank, before any work
+        assert resolved is not None
+        if not ranks.root:
+            quantize_resolved(job, resolved, None, None, ranks)
+            return None
+        work = WorkDir(job.work)
+        with work.lock():
+            return quantize_resolved(job, resolved, work, progress, ranks)
+    except RuntimeError as lost:  # gloo/NCCL: a peer died or hung past the timeout
+        if ranks.world == 1:
+            raise
+        first = (str(lost).strip().splitlines() or [type(lost).__name__])[0][:200]
+        raise ResourceError(
+            f"rank {ranks.rank} of {ranks.world} lost the other ranks ({first}): the work dir "
+            f"'{job.work}' keeps every finished block; rerun the same command to resume"
+        ) from None
+    finally:
+        leave()
 
 
-def resolve_job(job: QuantizeJob) -> Resolved:
-    """Every check that can fail, before any work dir is made or any block quantized."""
+def resolve_job(
+    job: QuantizeJob, device: torch.device | None = None, check: bool = True
+) -> Resolved:
+    """Every check that can fail, before any work dir is made or any block quantized
+    (`check`: the outputs too; only the rank that writes them checks)."""
     from liftq_cli.quant.lattice_catalog import load_catalog_matrix
 
     settings = job.settings
     calib = settings.calibration
-    check_outputs(job)
+    if check:
+        check_outputs(job)
+    device = resolve_device(job.device) if device is None else device
     for cfg in {job.lattice, *(c for kinds in job.layers.values() for c in kinds.values())}:
         load_catalog_matrix(cfg)  # an unknown lattice fails here
     folder = materialize(resolve(job.model))
     hf_config, skeleton = build_skeleton(folder)  # refuses unsupported architectures early
     WeightReader(folder)  # a missing, truncated or corrupt weights file fails here
+    arch = from_hf_config(hf_config.to_dict(), folder.name, str(folder / "config.json"))
     if job.recipe is not None:
-        arch = from_hf_config(hf_config.to_dict(), folder.name, str(folder / "config.json"))
         check_model(loads(job.recipe, "--recipe"), job.model, arch, "--recipe")
     shapes = linear_shapes(skeleton)
     check_overrides(job.layers, shapes)
@@ -170,13 +198,58 @@ def resolve_job(job: QuantizeJob) -> Resolved:
     if settings.finetune.steps:  # checked before the block stage: a short text fails fast
         tuning_text = load_text(settings.finetune.calib) if settings.finetune.calib else text
         tuning = finetune_windows(tuning_text, tokenizer, calib.seqlen, settings.finetune)
-    return Resolved(folder, hf_config, shapes, calibration, tuning)
+    return Resolved(
+        folder, hf_config, shapes, calibration, tuning, device, arch, _dtype_bytes(hf_config)
+    )
+
+
+def _dtype_bytes(hf_config) -> int:
+    """Bytes per element of the checkpoint's tensors (its config's dtype; default bf16)."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return 4 if str(dtype).removeprefix("torch.") == "float32" else 2
+
+
+def dry_run(job: QuantizeJob, world: int = 1) -> preflight.Preflight:
+    """`liftq quantize --dry-run`: the preflight of `job` on `world` processes, from the
+    model's config alone (a preset such as llama-70b needs no weights), with the outputs and
+    the device checked as a real run would; nothing is written."""
+    from liftq_cli.plan.architectures import resolve_architecture
+
+    check_outputs(job)
+    resolve_device(job.device)
+    spec = job.model
+    if Path(spec).suffix == ".gguf":  # its config is inside: the converted folder has one
+        spec = str(materialize(resolve(spec)))
+    arch = resolve_architecture(spec)
+    dtype = 2
+    config = Path(spec) / "config.json"
+    if config.is_file():
+        fields = json.loads(config.read_text())
+        dtype = 4 if (fields.get("dtype") or fields.get("torch_dtype")) == "float32" else 2
+    return preflight.plan(job, arch, world, dtype_bytes=dtype)
 
 
 def quantize_resolved(
-    job: QuantizeJob, resolved: Resolved, work: WorkDir, progress: Progress | None = None
-) -> QuantizeResult:
-    """allocate -> blocks -> fine-tune -> write, holding the work dir."""
+    job: QuantizeJob,
+    resolved: Resolved,
+    work: WorkDir | None,
+    progress: Progress | None = None,
+    ranks: Ranks = SOLO,
+) -> QuantizeResult | None:
+    """allocate -> blocks -> fine-tune -> write, holding the work dir, on the job's device
+    under its precision policy (quant/device.py). Only the root has a work dir; the other
+    ranks return None after the block stage."""
+    with precision(resolved.device, job.tf32):
+        return _quantize_resolved(job, resolved, work, progress, ranks)
+
+
+def _quantize_resolved(
+    job: QuantizeJob,
+    resolved: Resolved,
+    work: WorkDir | None,
+    progress: Progress | None,
+    ranks: Ranks,
+) -> QuantizeResult | None:
     from liftq_cli.quant.lattice_catalog import catalog_encode, catalog_mse, load_catalog_matrix
 
     settings = job.settings
@@ -190,10 +263,11 @@ def quantize_resolved(
     # -- allocate
     layers = {k: dict(v) for k, v in job.layers.items()}
     allocation = None
-    if settings.mixed:
-        kappa = measure_sensitivity(folder, calibration, work, progress)
+    if settings.mixed and ranks.root:  # the other ranks wait for the allocation
+        kappa = measure_sensitivity(folder, calibration, work, progress, resolved.device)
         windows = min(SENSITIVITY_WINDOWS, calib.nsamples)
         layers, allocation = allocate_bits(kappa, shapes, job.lattice, catalog_mse(), windows, work)
+    layers = ranks.broadcast_object(layers)
 
     def config_for(layer: int, kind: str) -> LatticeConfig:
         return layers.get(layer, {}).get(kind, job.lattice)
@@ -223,12 +297,17 @@ def quantize_resolved(
         settings,
         identity,
         progress,
+        resolved.device,
+        ranks,
     )
+    if not ranks.root:
+        return None
+    assert work is not None
     # -- fine-tune
     tuned, tuned_report = None, None
     if tuning is not None:
         tuned, tuned_report = finetune_stage(
-            folder, work, tuning, settings.finetune, load_catalog_matrix, progress
+            folder, work, tuning, settings.finetune, load_catalog_matrix, progress, resolved.device
         )
         tuned_report["calibration"] = {
             "source": settings.finetune.calib or calib.source,
@@ -251,6 +330,7 @@ def quantize_resolved(
             "fingerprint": calibration.fingerprint,
         },
         "options": {**settings.block_options(), "finetune": asdict(settings.finetune)},
+        "device": {"type": resolved.device.type, "tf32": job.tf32},
         "recipe": recipe_text,
         "blocks": [asdict(r) for r in reports],
         "finetune": tuned_report,
@@ -280,70 +360,6 @@ def quantize_resolved(
         finetune=tuned_report,
         allocation=allocation,
     )
-
-
-def finetune_windows(text: Text, tokenizer, seqlen: int, config: FinetuneConfig) -> Calibration:
-    """steps x batch training windows then eval_windows held-out ones, disjoint, drawn with
-    seed + 1 from `text` (refused when it is too short to give every step fresh windows)."""
-    need = config.steps * config.batch + config.eval_windows
-    tokens = tokenize(tokenizer, text.text).numel()
-    if tokens // seqlen < need:
-        raise BadInputError(
-            f"fine-tuning text '{text.origin}' has {tokens} tokens, fewer than (--finetune-steps "
-            f"{config.steps} x {config.batch} + {config.eval_windows} held out) x --seqlen "
-            f"{seqlen} = {need * seqlen}: pass a longer --finetune-calib or fewer steps"
-        )
-    return calibration_set(text, tokenizer, need, seqlen, config.seed + 1)
-
-
-def finetune_stage(
-    folder: Path,
-    work: WorkDir,
-    windows: Calibration,
-    config: FinetuneConfig,
-    matrices: Callable[[LatticeConfig], torch.Tensor],
-    progress: Progress | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Run (or reuse from the work dir) model-level fine-tuning over the finished blocks.
-
-    Returns the tuned tensors by checkpoint name and a JSON-ready report. The result is saved
-    under a fingerprint of the block job and `config`, so a resume after it finished skips
-    it; an interrupted one starts over (it is deterministic).
-    """
-    from transformers import AutoModelForCausalLM
-
-    key = fingerprint(
-        {
-            "job": work.job_fingerprint(),
-            "finetune": config.fingerprint(),
-            "windows": windows.fingerprint,
-        }
-    )
-    cached = work.load_finetune(key)
-    if cached is not None:
-        return cached
-    with quiet_transformers():
-        teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    quantized = {
-        f"model.layers.{layer}.{name}": QuantizedLinear.from_state(state, cfg, matrices(cfg))
-        for layer in range(student.config.num_hidden_layers)
-        for name, (cfg, state) in work.load_block(layer).items()
-    }
-    tuned = attach(student, quantized)
-
-    def step(done: int, total: int, loss: float) -> None:
-        if progress is not None:
-            progress(FinetuneStep(done, total, loss))
-
-    train = windows.input_ids[: config.steps * config.batch]
-    probe = windows.input_ids[config.steps * config.batch :]
-    result = finetune(student, teacher, tuned, train, probe, config, step)
-    tensors = tuned_tensors(student, tuned)
-    report = {k: v for k, v in asdict(result).items() if k != "losses"}
-    report["kl_first_last"] = [result.losses[0], result.losses[-1]] if result.losses else []
-    work.save_finetune(key, tensors, report)
-    return tensors, report
 
 
 def linear_shapes(skeleton) -> Shapes:

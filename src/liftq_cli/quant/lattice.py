@@ -183,14 +183,16 @@ class _Plan:
 _PLANS: dict[tuple, _Plan] = {}
 
 
-def _cached_plan(M: Tensor, search: SearchConfig) -> _Plan:
-    """`_plan` memoised on (M's values, search, device): the quantiser encodes every linear
-    with the same few matrices."""
-    key = (tuple(M.shape), M.detach().to("cpu", torch.float64).numpy().tobytes(), search, M.device)
+def _cached_plan(M: Tensor, search: SearchConfig, device: torch.device | None = None) -> _Plan:
+    """`_plan` for `device` (default M's) memoised on (M's values, search, device): the
+    quantiser encodes every linear with the same few matrices. Pass M on the CPU: keying a
+    GPU matrix by its values costs a device-to-host copy per call."""
+    device = M.device if device is None else torch.device(device)
+    key = (tuple(M.shape), M.detach().to("cpu", torch.float64).numpy().tobytes(), search, device)
     if key not in _PLANS:
         if len(_PLANS) >= 16:
             _PLANS.clear()
-        _PLANS[key] = _plan(M, search)
+        _PLANS[key] = _plan(M.to(device), search)
     return _PLANS[key]
 
 
@@ -296,7 +298,7 @@ def encode(x: Tensor, M: Tensor, search: SearchConfig = DEFAULT_SEARCH) -> Tenso
     _check(x, M)
     lead = x.shape[:-1]
     flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-    plan = _cached_plan(M.to(flat.device), search)
+    plan = _cached_plan(M, search, flat.device)
     on_cpu = flat.device.type == "cpu"
     chunk = search.chunk if on_cpu else search.gpu_chunk
     workers = (search.threads or torch.get_num_threads()) if on_cpu else 1
@@ -322,7 +324,7 @@ def encode_candidates(
     first) and their errors ||x - M q||^2 [B, count] float32. For soft-assignment training."""
     _check(x, M)
     flat = x.detach().to(torch.float32)
-    plan = _cached_plan(M.to(flat.device), search)
+    plan = _cached_plan(M, search, flat.device)
     chunk = search.chunk if flat.device.type == "cpu" else search.gpu_chunk
     with torch.no_grad(), _cpu_settings(False):
         words = torch.cat([_search_chunk(part, plan, count) for part in flat.split(chunk)])

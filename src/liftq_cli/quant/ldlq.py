@@ -24,7 +24,8 @@ def as_codes(signs: torch.Tensor) -> torch.Tensor:
 
 def whitened_hessian(gram: torch.Tensor, wh: Whitening) -> torch.Tensor:
     """H' = T^-1 H T^-T (float64 [n, n]): the output-error metric in the whitened basis."""
-    lift = lift_activation(torch.eye(gram.shape[0], dtype=torch.float64), _as64(wh))  # T^-T
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    lift = lift_activation(eye, _as64(wh))  # T^-T
     return lift.T @ gram.double() @ lift
 
 
@@ -50,11 +51,11 @@ def ldlq_encode(
     # H^-1 = U^T U with U upper triangular: the GPTQ/LDLQ feedback factor.
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     work = target.double().clone()
-    decode = matrix.double().T
+    decode = matrix.to(target.device, torch.float64).T
     codes = []
     for start in range(0, n, d):
         stop = min(start + d, n)
-        block = torch.zeros(out, d, dtype=torch.float64)
+        block = torch.zeros(out, d, dtype=torch.float64, device=target.device)
         block[:, : stop - start] = work[:, start:stop]
         signs = as_codes(encode(block.float().unsqueeze(1), matrix)[:, 0])
         codes.append(signs)

@@ -34,6 +34,7 @@ def measure_sensitivity(
     calibration: Calibration,
     work: WorkDir,
     progress: Progress | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[tuple[int, str], float]:
     """Fisher sensitivity {(layer, kind): kappa} of every decoder linear, reused from the work
     dir when its fingerprint (model, weights, windows) matches."""
@@ -62,7 +63,7 @@ def measure_sensitivity(
         if progress is not None:
             progress(SensitivityStep(done, total))
 
-    kappa = fisher_sensitivity(model, windows, progress=step)
+    kappa = fisher_sensitivity(model.to(device), windows.to(device), progress=step)
     del model
     work.save_sensitivity(key, kappa, time.perf_counter() - began)
     return kappa

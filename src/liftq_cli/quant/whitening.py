@@ -53,16 +53,17 @@ def kron_factors(n: int) -> tuple[int, int]:
 
 
 def orthogonal_init(size: int, generator: torch.Generator) -> torch.Tensor:
-    """Random-sign Hadamard (size a power of two) or random-sign orthonormal DCT-II."""
-    signs = torch.randint(0, 2, (size,), generator=generator).float() * 2 - 1
+    """Random-sign Hadamard (size a power of two) or random-sign orthonormal DCT-II, built on
+    the CPU (the generator's device) so that every device gets the same rotation."""
+    signs = torch.randint(0, 2, (size,), generator=generator, device="cpu").float() * 2 - 1
     if size & (size - 1) == 0:
-        h = torch.ones(1, 1)
+        h = torch.ones(1, 1, device="cpu")
         while h.shape[0] < size:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
         basis = h / math.sqrt(size)
     else:
-        k = torch.arange(size, dtype=torch.float64).unsqueeze(1)
-        i = torch.arange(size, dtype=torch.float64).unsqueeze(0)
+        k = torch.arange(size, dtype=torch.float64, device="cpu").unsqueeze(1)
+        i = torch.arange(size, dtype=torch.float64, device="cpu").unsqueeze(0)
         basis = torch.cos(math.pi / size * (i + 0.5) * k) * math.sqrt(2.0 / size)
         basis[0] /= math.sqrt(2.0)
         basis = basis.float()
@@ -99,16 +100,19 @@ def lift_activation(x: torch.Tensor, wh: Whitening) -> torch.Tensor:
 
 
 def init_whitening(in_features: int, act_scale: torch.Tensor, alpha: float, seed: int) -> Whitening:
-    """Hadamard/DCT rotation, AWQ scale s1 = mean|x|^alpha (geometric mean 1), s2 = 1."""
+    """Hadamard/DCT rotation, AWQ scale s1 = mean|x|^alpha (geometric mean 1), s2 = 1, on
+    act_scale's device (the random signs are drawn on the CPU, so every device gets the same
+    rotation)."""
+    device = act_scale.device
     generator = torch.Generator().manual_seed(seed)
     a, b = kron_factors(in_features)
     s1 = act_scale.clamp_min(1e-6).pow(alpha)
     s1 = s1 / s1.log().mean().exp()
     return Whitening(
         s1=s1.float(),
-        p1=orthogonal_init(a, generator),
-        p2=orthogonal_init(b, generator),
-        s2=torch.ones(in_features),
+        p1=orthogonal_init(a, generator).to(device),
+        p2=orthogonal_init(b, generator).to(device),
+        s2=torch.ones(in_features, device=device),
     )
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The device check: run it whenever a GPU is available and report its output (never a test
+# dependency). Under 8 minutes on one H100/H200:
+#   1. quantize two blocks of smollm2-135m on CUDA and on the CPU: code-bit agreement, block
+#      output MSE, seconds per stage (bench/gpu_check.py);
+#   2. the Triton kernels compiled for this GPU, against the torch reference
+#      (tests/kernels, without TRITON_INTERPRET);
+#   3. decode speed of a synthetic LQ-24/10 smollm2-135m against dense fp16 (bench/decode.py).
+# Usage: bash bench/gpu_check.sh [OUT_DIR]   (writes OUT_DIR/*.json; default: a temp dir)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${1:-$(mktemp -d)}
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+status=0
+step() { echo; echo "== $1 ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || status=1
+"$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' || status=1
+
+step "quantize: CUDA against CPU"
+timeout 300 "$PY" bench/gpu_check.py --json "$OUT/quantize.json" || status=1
+
+step "kernels on the GPU"
+timeout 120 "$PY" -m pytest -q tests/kernels || status=1
+
+step "decode speed"
+timeout 120 "$PY" bench/decode.py --synthetic smollm2-135m --config LQ-24/10 --device cuda \
+  --new-tokens 32 --json "$OUT/decode.json" || status=1
+
+echo; echo "gpu check: $([ $status = 0 ] && echo PASS || echo FAIL) (results in $OUT)"
+exit $status

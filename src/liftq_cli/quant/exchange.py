@@ -1,0 +1,140 @@
+"""What the ranks of one quantize job exchange in the block stage (quant/blocks.py calls
+these; with one process each is the plain computation, no exchange):
+
+    gram_stats        every rank's Gram tree nodes to the owners of the linears reading them
+    share_state       an encoded linear from its owner to every rank (codes bit-packed)
+    share_correction  rank 0's trained latents and scales to every rank
+    lend_threads      rank 0 takes its node's idle cores while it corrects (CPU)
+
+Exchanges move whole tensors in one fixed order; nothing is summed across ranks in floating
+point except through quant/stats.py's fixed tree, so results do not depend on the number of
+processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from liftq_cli.io.codes import pack_codes, unpack_codes
+from liftq_cli.quant.block_correction import CorrectableLinear, CorrectionResult
+from liftq_cli.quant.parallel import Ranks, Team
+from liftq_cli.quant.stats import TreeSum, collect, complete, finish, iter_nodes, owners_of
+
+RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def linear_kinds(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside a decoder block, keyed by its dotted name (self_attn.q_proj, ...)."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def gram_stats(
+    block: nn.Module,
+    run: RunBlock,
+    inputs: torch.Tensor,
+    team: Team,
+    seqlen: int,
+    owner: dict[str, int],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(Gram, mean |x|) of the linears this rank owns (`owner`: linear -> rank; absent means
+    rank 0), from every rank's tree nodes over its own windows (`team.local(inputs)`).
+
+    Each input's nodes go to the ranks owning one of its linears in one fixed order (input,
+    source rank, destination rank, node), so the point-to-point exchange cannot deadlock
+    and the owner adds them up exactly as one process would."""
+    ranks = team.ranks
+    found = collect(
+        block, linear_kinds(block), run, team.local(inputs), team.batch, team.first_batch
+    )
+    every = iter_nodes(team.ranges)
+    out = {}
+    for key, names in found.groups.items():
+        nodes = found.nodes(key)
+        need = owners_of({key: names}, {n: owner.get(n, 0) for n in names})[key]
+        width = nodes[every[ranks.rank][0]][1].shape[0]
+        merged = TreeSum()  # on an owner: every rank's nodes, left to right, siblings merged
+        for src in range(ranks.world):
+            if ranks.rank == src and src in need:
+                for node in every[src]:
+                    merged.push_node(node, nodes[node])
+            for dst in need:
+                if src == dst:
+                    continue
+                for node in every[src]:
+                    if ranks.rank == src:
+                        ranks.send(nodes[node][0], dst)
+                        ranks.send(nodes[node][1], dst)
+                    elif ranks.rank == dst:
+                        gram = ranks.recv((width, width), torch.float64, src)
+                        merged.push_node(node, (gram, ranks.recv((width,), torch.float64, src)))
+        del nodes
+        if ranks.rank in need:
+            total = finish(complete(dict(merged.stack), team.batches), team.windows * seqlen)
+            out.update({n: total for n in names if owner.get(n, 0) == ranks.rank})
+    return out
+
+
+@contextlib.contextmanager
+def lend_threads(ranks: Ranks, device: torch.device):
+    """While rank 0 corrects a block on the CPU, the other ranks of its node wait: it takes
+    their share of the cores (torchrun's LOCAL_WORLD_SIZE x its own threads) and gives it
+    back afterwards."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if ranks.world == 1 or device.type != "cpu" or local <= 1:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(os.cpu_count() or threads, threads * local))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def share_state(
+    ranks: Ranks, mine: tuple[dict[str, torch.Tensor], list[float]] | None, src: int
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """A linear's encoded state and its [proxy error, whiten s, encode s], from its owner
+    `src` to every rank (tensors on each rank's compute device; codes travel bit-packed)."""
+    if ranks.world == 1:
+        assert mine is not None
+        return mine
+    given = None
+    if mine is not None:
+        given = {k: pack_codes(v) if k == "codes" else v for k, v in mine[0].items()}
+    meta = None if mine is None else {
+        "shapes": {k: (tuple(v.shape), v.dtype) for k, v in given.items()},
+        "codes": tuple(mine[0]["codes"].shape[1:]),
+        "numbers": mine[1],
+    }  # fmt: skip
+    meta = ranks.broadcast_object(meta, src)
+    state = {}
+    for key, (shape, dtype) in meta["shapes"].items():
+        state[key] = ranks.broadcast(None if given is None else given[key], shape, dtype, src)
+    if given is None:
+        state["codes"] = unpack_codes(state["codes"], *meta["codes"])
+    else:
+        state["codes"] = mine[0]["codes"]
+    return state, meta["numbers"]
+
+
+def share_correction(
+    ranks: Ranks, block: nn.Module, result: CorrectionResult | None
+) -> CorrectionResult:
+    """The root's trained latents, scales and whitening scales, and its result, on every
+    rank."""
+    if ranks.world == 1:
+        assert result is not None
+        return result
+    for module in block.modules():
+        if isinstance(module, CorrectableLinear):
+            for parameter in (module.latent, module.scale, module.log_s1, module.log_s2):
+                value = ranks.broadcast(parameter.data, parameter.shape, parameter.dtype, 0)
+                if not ranks.root:
+                    parameter.data.copy_(value)
+    return ranks.broadcast_object(result, 0)
