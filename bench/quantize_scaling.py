@@ -81,15 +81,23 @@ def digest(out: Path) -> str:
 
 
 def quantize(
-    model: Path, out: Path, nproc: int, args: argparse.Namespace, device=("--device", "cpu")
+    model: Path,
+    out: Path,
+    nproc: int,
+    args: argparse.Namespace,
+    device=("--device", "cpu"),
+    threads: int | None = None,
 ) -> dict:
-    """Run `liftq quantize`; returns its wall seconds, block reports and digest."""
+    """Run `liftq quantize` (`threads` per process: OMP_NUM_THREADS); returns its wall
+    seconds, block reports and digest."""
     command = [str(LIFTQ), "quantize", str(model), "--out", str(out), "--config", CONFIG]
     command += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--overwrite"]
     command += [*device, "--json"]
     if nproc > 1:
         command += ["--nproc", str(nproc)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     began = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - began
@@ -119,66 +127,99 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "quantize_scaling.md")
     args = parser.parse_args()
 
+    cores = os.cpu_count() or 1
+    share = max(1, cores // 2)
+    configs = {  # name: (processes, threads per process)
+        "one": (1, share),
+        "two": (2, share),
+        "all": (1, cores),
+    }
     with tempfile.TemporaryDirectory(prefix="liftq-scaling-") as tmp:
         model = truncated_model(args.blocks, Path(tmp))
-        runs = {n: quantize(model, Path(tmp) / f"q{n}", n, args) for n in (1, 2)}
-    same = runs[1]["digest"] == runs[2]["digest"]
-    shares = {n: stage_shares(run["blocks"]) for n, run in runs.items()}
+        runs = {
+            key: quantize(model, Path(tmp) / key, n, args, threads=t)
+            for key, (n, t) in configs.items()
+        }
+    same = runs["one"]["digest"] == runs["two"]["digest"]
+    shares = {key: stage_shares(run["blocks"]) for key, run in runs.items()}
 
-    settings = QuantizeSettings(calibration=CalibrationSettings(args.nsamples, args.seqlen))
+    calib = CalibrationSettings(nsamples=args.nsamples, seqlen=args.seqlen)
+    settings = QuantizeSettings(calibration=calib)
     cfg = LatticeConfig.parse(CONFIG)
     small = resolve_architecture("smollm2-135m")
     work = block_work(small, 0, lambda *_: cfg)
-    fitted = fit(report_samples(work, small, settings, runs[1]["blocks"]), coefficients_for("cpu"))
+    samples = report_samples(work, small, settings, runs["one"]["blocks"])
+    fitted = fit(samples, coefficients_for("cpu"))
+    every_core = fit(
+        report_samples(work, small, settings, runs["all"]["blocks"]), coefficients_for("cpu")
+    )
     predicted = {
         n: estimate(small, settings, cfg, "cpu", n, fitted).seconds_per_block for n in (1, 2)
     }
     big = resolve_architecture("llama-70b")
     h100 = {n: estimate(big, settings, cfg, "h100", n) for n in (1, 8)}
 
-    cores = os.cpu_count()
+    head = {
+        "one": f"1 process x {share} thread(s)",
+        "two": f"2 processes x {share} thread(s)",
+        "all": f"1 process x {cores} threads",
+    }
     lines = [
         "# Quantize scaling: 1 and 2 processes, and the cost model",
         "",
         f"`nice python bench/quantize_scaling.py --blocks {args.blocks} --nsamples "
         f"{args.nsamples} --seqlen {args.seqlen}`: the first {args.blocks} blocks of "
-        f"smollm2-135m at {CONFIG}, default settings, on this machine's {cores} cores (the "
-        "2-process run gives each process its share of the threads; rank 0 borrows the "
-        "others' while it corrects).",
+        f"smollm2-135m at {CONFIG}, default settings, on this machine's {cores} cores. The "
+        "process comparison is at equal threads per process (each rank as if on its own "
+        "cores); the last column is one process using every core, the best a single "
+        "process does here.",
         "",
         f"Same codes, scales and whitening factors with 1 and 2 processes: **{same}** "
-        f"(sha256 {runs[1]['digest'][:16]}... / {runs[2]['digest'][:16]}...).",
+        f"(sha256 {runs['one']['digest'][:16]}... / {runs['two']['digest'][:16]}...). "
+        "(With a different thread count per process they are not: torch's CPU reductions "
+        "split by thread. The all-cores run: "
+        f"{'the same' if runs['all']['digest'] == runs['one']['digest'] else 'differs'}.)",
         "",
-        "| seconds per block (mean) | 1 process | 2 processes | ratio 1/2 |",
-        "|---|---:|---:|---:|",
+        f"| seconds per block (mean) | {head['one']} | {head['two']} | ratio | {head['all']} |",
+        "|---|---:|---:|---:|---:|",
     ]
     for stage in ("block", "whiten", "encode", "correct", "rest"):
-        one, two = shares[1][stage], shares[2][stage]
+        one, two, every = (shares[k][stage] for k in ("one", "two", "all"))
         ratio = f"{one / two:.2f}" if two > 0 else "-"
         label = {"block": "**block (wall)**", "rest": "rest (forwards, Grams, exchange)"}
-        lines.append(f"| {label.get(stage, stage)} | {one:.2f} | {two:.2f} | {ratio} |")
+        row = f"| {label.get(stage, stage)} | {one:.2f} | {two:.2f} | {ratio} | {every:.2f} |"
+        lines.append(row)
+    walls = {k: runs[k]["wall"] for k in runs}
     lines.append(
-        f"| whole command (wall, incl. start-up) | {runs[1]['wall']:.1f} | "
-        f"{runs[2]['wall']:.1f} | {runs[1]['wall'] / runs[2]['wall']:.2f} |"
+        f"| whole command (wall, incl. start-up) | {walls['one']:.1f} | {walls['two']:.1f} | "
+        f"{walls['one'] / walls['two']:.2f} | {walls['all']:.1f} |"
     )
-    lines += ["", "Share of the block (1 process): " + ", ".join(
-        f"{s} {100 * shares[1][s] / shares[1]['block']:.0f}%"
+    lines += ["", f"Share of the block ({head['one']}): " + ", ".join(
+        f"{s} {100 * shares['one'][s] / shares['one']['block']:.0f}%"
         for s in ("whiten", "encode", "correct", "rest")
     ) + "."]  # fmt: skip
     lines += [
         "",
         "## The cost model against these runs",
         "",
-        "CPU coefficients fitted to the 1-process stage times (seconds per unit):",
+        f"CPU coefficients fitted to the stage times of the {head['one']} run (seconds per "
+        "unit; the 2-process prediction gives each rank that speed):",
         "",
         "```",
         json.dumps({k: float(f"{v:.3g}") for k, v in fitted.seconds.items()}),
         "```",
         "",
+        f"Fitted to the {head['all']} run (what `cost_coefficients.json`'s cpu entry "
+        "holds; a one-process run on this machine uses them):",
+        "",
+        "```",
+        json.dumps({k: float(f"{v:.3g}") for k, v in every_core.seconds.items()}),
+        "```",
+        "",
         "| seconds per block | measured | cost model |",
         "|---|---:|---:|",
-        f"| 1 process | {shares[1]['block']:.2f} | {predicted[1]:.2f} |",
-        f"| 2 processes | {shares[2]['block']:.2f} | {predicted[2]:.2f} |",
+        f"| {head['one']} | {shares['one']['block']:.2f} | {predicted[1]:.2f} |",
+        f"| {head['two']} | {shares['two']['block']:.2f} | {predicted[2]:.2f} |",
         "",
         "## Llama-3-70B on H100s: an estimate",
         "",
@@ -200,6 +241,12 @@ def main() -> None:
         ]
     lines += ["", versions_line(), ""]
     write_text_atomic(args.out, "\n".join(lines))
+    raw = {
+        k: {"wall": r["wall"], "digest": r["digest"], "blocks": r["blocks"]}
+        for k, r in runs.items()
+    }
+    raw["fitted"] = {"one": dict(fitted.seconds), "all": dict(every_core.seconds)}
+    write_text_atomic(args.out.with_suffix(".json"), json.dumps(raw, indent=1))
     print("\n".join(lines))
     if not same:
         raise SystemExit("the 1- and 2-process outputs differ")

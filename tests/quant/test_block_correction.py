@@ -227,3 +227,28 @@ def test_block_correction_reduces_the_block_error():
     exported = modules[0].export()
     with torch.no_grad():
         assert torch.allclose(exported.dequantize(), modules[0].weight(), atol=1e-5)
+
+
+def test_recomputing_the_weight_in_backward_gives_the_same_gradients(monkeypatch):
+    """The GPU path (checkpointed reconstruction) against the CPU path, on the CPU: same
+    loss, same gradients bit for bit (so CPU and GPU runs differ only by their arithmetic)."""
+    import liftq_cli.quant.block_correction as module
+
+    calls = []
+    real = module.checkpoint
+    monkeypatch.setattr(module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    x = torch.randn(6, 20)
+    grads = {}
+    plain_is_cuda = torch.nn.Parameter.is_cuda
+    for recompute in (False, True):
+        layer = CorrectableLinear(_random_quantized(12, 20, seed=3), None, 0.05)
+        if recompute:  # what `weight` does on a CUDA latent
+            monkeypatch.setattr(type(layer.latent), "is_cuda", property(lambda _t: True))
+        loss = layer(x).pow(2).sum()
+        loss.backward()
+        assert len(calls) == recompute
+        monkeypatch.setattr(type(layer.latent), "is_cuda", plain_is_cuda)
+        grads[recompute] = [loss.detach()] + [getattr(layer, n).grad for n in TRAINED]
+    for plain, again in zip(grads[False], grads[True], strict=True):
+        assert torch.equal(plain, again)

@@ -62,6 +62,10 @@ def test_device_spec_is_validated_and_a_missing_gpu_is_one_line(tmp_path, monkey
     assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
     with pytest.raises(BadInputError, match="has 2 CUDA device"):
         resolve_device("cuda:2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this node
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(BadInputError, match="all on one GPU.*CUDA_VISIBLE_DEVICES"):
+        resolve_device("cuda:1", local_rank=1)
 
 
 def test_streams_stay_home_on_cpu_and_precision_is_a_no_op_there():

@@ -131,10 +131,13 @@ def test_memory_figures_of_llama_70b_follow_the_formulas(arch, job):
     depth = 1 + math.ceil(math.log2(N // BATCH))  # 32 batches: 6 partials in the tree
     workspace = max(max(4 * n * n + 40 * o * n, 44 * n * n + 8 * o * n) for o, n in LINEARS)
     activations = 4 * BATCH * SEQ * (10 * H + 3 * INTER) + 4 * BATCH * HEADS * SEQ * SEQ
-    correct = sum(20 * o * BITS[n] + 16 * (o + 2 * n) + 20 * o * n for o, n in LINEARS)
+    # on a GPU each weight's reconstruction is recomputed in backward: one linear's at a time
+    correct = sum(16 * o * BITS[n] + 16 * (o + 2 * n) + 4 * o * n for o, n in LINEARS)
+    correct += max(4 * o * BITS[n] + 16 * o * n for o, n in LINEARS)
     correct += 4 * GRAMS + activations
     peak = weights + max(8 * GRAMS * depth, 4 * GRAMS + workspace, correct)
-    assert peak == weights + correct  # the correction state is the peak at 2.4 bits
+    # at 2.4 bits the Gram tree's fp64 partials are the peak, correction a close second
+    assert peak == weights + 8 * GRAMS * depth and correct > 0.9 * 8 * GRAMS * depth
     assert H100.free - peak >= 2 * 4 * STREAM  # so the 4 live streams go on the device
     device = got["cuda:0 NVIDIA H100 80GB HBM3"]
     assert device.need == peak + 4 * STREAM
@@ -244,7 +247,7 @@ def test_a_small_gpu_is_refused_and_fewer_samples_are_offered_only_when_they_fit
     # correction state alone exceeds 40 GB and is not split: no --nsamples, no --nproc fix
     assert str(err.value).endswith("is free: use a GPU with more memory")
     assert str(err.value).startswith("cuda:0 (NVIDIA A100-SXM4-40GB) needs ")
-    mid = DeviceMemory("cuda:0", "NVIDIA H100 80GB HBM3", 68 * GB, 80 * GB)
+    mid = DeviceMemory("cuda:0", "NVIDIA H100 80GB HBM3", 60 * GB, 80 * GB)
     pre = plan(job, arch, host=BIG_HOST, devices=[mid], disk=roomy, work_used=0, beam=beam)
     check(pre)  # the streams move to the host and the block still fits
     assert pre.placement == "host"
@@ -316,7 +319,7 @@ def test_the_catalog_beam_and_cpu_coefficients_are_used_by_default(arch, job):
     est = estimate(arch, job.settings, job.lattice, "cpu")
     encode = next(s for s in est.stages if s.stage == "encode")
     assert encode.units == sum(o * math.ceil(n / 10) * 64 * 24 for o, n in LINEARS)
-    assert est.is_estimate and "measured" in est.coefficients.source
+    assert est.is_estimate and "quantize_scaling" in est.coefficients.source
 
 
 def test_the_probes_read_this_machine(tmp_path):

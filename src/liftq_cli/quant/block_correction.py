@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from liftq_cli.quant.reconstruct import QuantizedLinear, reconstruct
 from liftq_cli.quant.whitening import Whitening
@@ -48,7 +49,21 @@ class CorrectableLinear(nn.Module):
         return Whitening(self.log_s1.exp(), self.p1, self.p2, self.log_s2.exp())
 
     def weight(self) -> torch.Tensor:
-        return reconstruct(ste_sign(self.latent), self.matrix, self.scale, self.whitening())
+        """The fake-quantised weight. On a GPU, under autograd, its reconstruction is
+        recomputed in the backward pass (activation checkpointing) rather than kept: the
+        signs and the o x n intermediates of `reconstruct` would otherwise stay alive for
+        every linear of the block at once (4 bytes a code bit + 16 bytes a weight), which is
+        what a Llama-3-70B block needs to fit 80 GB. The values are the same either way; on
+        the CPU, where memory is cheaper than the 25% longer correction, they are kept."""
+        if not torch.is_grad_enabled() or not self.latent.is_cuda:
+            return self._weight(self.latent, self.scale, self.log_s1, self.log_s2)
+        return checkpoint(
+            self._weight, self.latent, self.scale, self.log_s1, self.log_s2, use_reentrant=False
+        )
+
+    def _weight(self, latent, scale, log_s1, log_s2) -> torch.Tensor:
+        whitening = Whitening(log_s1.exp(), self.p1, self.p2, log_s2.exp())
+        return reconstruct(ste_sign(latent), self.matrix, scale, whitening)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight(), self.bias)

@@ -35,7 +35,6 @@ from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.events import BlockDone, BlockReport, Progress
 from liftq_cli.quant.exchange import (
     gram_stats,
-    lend_threads,
     linear_kinds,
     share_correction,
     share_state,
@@ -139,7 +138,6 @@ def quantize_block(
     team = team or Team(SOLO, settings.correction.batch, inputs.shape[0])
     ranks = team.ranks
     linears = linear_kinds(block)
-    compute = next(iter(linears.values())).weight.device
     costs = {n: float(m.out_features) * m.in_features**2 for n, m in linears.items()}
     owner = assign(costs, ranks.world)
     stats = gram_stats(block, run, inputs, team, inputs.shape[1], owner)
@@ -188,8 +186,7 @@ def quantize_block(
     tick = time.perf_counter()
     result = None
     if ranks.root:
-        with lend_threads(ranks, compute):
-            result = correct_block(block, inputs, targets, run, correction)
+        result = correct_block(block, inputs, targets, run, correction)
     result = share_correction(ranks, block, result)
     seconds_correct = time.perf_counter() - tick
     linears_out = {}
@@ -249,11 +246,16 @@ def quantize_blocks(
     ranks: the processes of the job (quant/parallel.py). Each runs the forwards and Gram
     sums of its own windows; the root (the only one with a `work` dir) also holds the full
     streams, corrects each block and saves it, so a job resumes with any number of ranks.
+    Independent blocks (not `sequential`) are farmed out instead: every rank runs the
+    full-precision forwards over all windows and quantizes blocks layer % world == rank
+    alone, then sends them to the root.
     """
     device = torch.device(device)
     config, skeleton = build_skeleton(folder)
     reader = WeightReader(folder)
-    team = Team(ranks, settings.correction.batch, calib_ids.shape[0])
+    farm = not settings.sequential and ranks.world > 1
+    team = Team(SOLO if farm else ranks, settings.correction.batch, calib_ids.shape[0])
+    whole = ranks.root or farm  # holds every window
     if ranks.root:
         assert work is not None, "the root rank owns the work dir"
         work.open_job(
@@ -272,7 +274,7 @@ def quantize_blocks(
         probe = torch.zeros(1, seqlen, config.hidden_size, device=device)
         position_embeddings = rotary(probe, torch.arange(seqlen, device=device).unsqueeze(0))
     batch = settings.correction.batch
-    held = calib_ids.shape[0] if ranks.root else team.counts[ranks.rank]
+    held = calib_ids.shape[0] if whole else team.counts[ranks.rank]
     stream_bytes = held * seqlen * config.hidden_size * 4
     # keep room for a block's weights, Grams and correction state (a rough 16 x weights)
     reserve = 16 * 4 * sum(p.numel() for p in backbone.layers[0].parameters())
@@ -283,7 +285,7 @@ def quantize_blocks(
 
     start_layer = ranks.broadcast_object(work.done() if ranks.root else None)
     if start_layer == 0:
-        ids = calib_ids if ranks.root else calib_ids[team.rows()]
+        ids = calib_ids if whole else calib_ids[team.rows()]
         embed = reader.get("model.embed_tokens.weight").float()
         hidden = nn.functional.embedding(ids, embed)
         if config.model_type.startswith("gemma"):
@@ -291,6 +293,12 @@ def quantize_blocks(
         fp_stream = to_home(hidden, home, device)
         q_stream = fp_stream.clone() if settings.sequential else fp_stream
         del embed, hidden
+    elif farm:  # the full-precision stream, on every rank
+        stream = work.load_streams()[0] if ranks.root else None
+        shape = (calib_ids.shape[0], seqlen, config.hidden_size)
+        fp_stream = q_stream = to_home(
+            ranks.broadcast(stream, shape, torch.float32, 0), home, device
+        )
     else:
         streams = work.load_streams() if ranks.root else (None, None)
         shape = (seqlen, config.hidden_size)
@@ -311,22 +319,35 @@ def quantize_blocks(
         with torch.no_grad():
             targets = team.gather(run(block, team.local(fp_stream)))
         inputs = q_stream if settings.sequential else fp_stream
-        linears, report = quantize_block(
-            block, layer, inputs, targets, run, config_for, matrices, encode, settings, team
-        )
+        owner = layer % ranks.world if farm else ranks.rank
+        linears, report = None, None
+        if owner == ranks.rank:
+            linears, report = quantize_block(
+                block, layer, inputs, targets, run, config_for, matrices, encode, settings, team
+            )
+        if farm and owner != 0:  # the root saves what the owner quantized
+            if ranks.rank == owner:
+                ranks.send_object((_on_host(linears), report), 0)
+            elif ranks.root:
+                linears, report = ranks.recv_object(owner)
         with torch.no_grad():
             next_q = team.gather(run(block, team.local(inputs))) if settings.sequential else targets
         fp_stream, q_stream = targets, next_q
         if ranks.root:
             work.save_block(layer, linears, asdict(report))
             work.save_streams(layer + 1, fp_stream, q_stream)
-        reports.append(report)
+        if report is not None:
+            reports.append(report)
         block.to("meta")
         del block, linears, targets, inputs
         _release_memory()
-        if progress is not None:
+        if progress is not None and report is not None:
             progress(BlockDone(report, config.num_hidden_layers))
     return reports
+
+
+def _on_host(linears: dict[str, tuple[LatticeConfig, dict[str, torch.Tensor]]]) -> dict:
+    return {n: (cfg, {k: v.cpu() for k, v in st.items()}) for n, (cfg, st) in linears.items()}
 
 
 def _release_memory() -> None:

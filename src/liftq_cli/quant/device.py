@@ -10,6 +10,7 @@ float32 matmuls (whitening's proxy error, forwards, correction) unless the job s
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -34,6 +35,13 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
             f" use --device cpu, or install a CUDA build of torch on a GPU machine"
         )
     count = torch.cuda.device_count()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if spec != "cuda" and local_world > 1:
+        raise BadInputError(
+            f"--device {spec} with {local_world} processes on this node would put them all on "
+            f"one GPU: pass --device cuda (process r uses cuda:r) and pick the GPUs with "
+            f"CUDA_VISIBLE_DEVICES"
+        )
     index = local_rank if spec == "cuda" else int(spec.partition(":")[2])
     if index >= count:
         raise BadInputError(

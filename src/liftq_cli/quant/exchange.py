@@ -4,7 +4,6 @@ these; with one process each is the plain computation, no exchange):
     gram_stats        every rank's Gram tree nodes to the owners of the linears reading them
     share_state       an encoded linear from its owner to every rank (codes bit-packed)
     share_correction  rank 0's trained latents and scales to every rank
-    lend_threads      rank 0 takes its node's idle cores while it corrects (CPU)
 
 Exchanges move whole tensors in one fixed order; nothing is summed across ranks in floating
 point except through quant/stats.py's fixed tree, so results do not depend on the number of
@@ -13,8 +12,6 @@ processes.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Callable
 
 import torch
@@ -77,23 +74,6 @@ def gram_stats(
             total = finish(complete(dict(merged.stack), team.batches), team.windows * seqlen)
             out.update({n: total for n in names if owner.get(n, 0) == ranks.rank})
     return out
-
-
-@contextlib.contextmanager
-def lend_threads(ranks: Ranks, device: torch.device):
-    """While rank 0 corrects a block on the CPU, the other ranks of its node wait: it takes
-    their share of the cores (torchrun's LOCAL_WORLD_SIZE x its own threads) and gives it
-    back afterwards."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if ranks.world == 1 or device.type != "cpu" or local <= 1:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(min(os.cpu_count() or threads, threads * local))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def share_state(

@@ -19,7 +19,10 @@ bits, w = o ceil(c/o / 32) 32-bit words; sums run over every matrix, MoE experts
                                                           hold live x S_W)
                  + max(stats:   8 G (1 + ceil(log2 ceil(ceil(N/W) / B))),
                        encode:  4 G + max over linears (4n^2 + 40on, [--ldlq] 44n^2 + 8on),
-                       correct: 4 G + sum (20c + 16(o + 2n) + 20on) + activations(B))
+                       correct: 4 G + sum (20c + 16(o + 2n) + 20on) + activations(B);
+                                on a GPU the reconstruction is recomputed in backward:
+                                4 G + sum (16c + 16(o + 2n) + 4on) + max (4c + 16on)
+                                + activations(B))
     host RAM     max of the phases that are on:
                  block stage  W (8 N L + 1.5 GB + max(4 vocab h, 4 block params))
                               + live x (S + (W - 1) S_W) on the host, or files x S (the
@@ -120,8 +123,11 @@ def output_bytes(arch: Architecture, job: QuantizeJob, dtype_bytes: int = 2) -> 
     return {"codes": codes, "unquantized": rest, "files": FILES}
 
 
-def device_parts(arch: Architecture, job: QuantizeJob, world: int = 1) -> dict[str, int]:
-    """Per-rank block peak without the streams, by phase (each at its largest block)."""
+def device_parts(
+    arch: Architecture, job: QuantizeJob, world: int = 1, gpu: bool = True
+) -> dict[str, int]:
+    """Per-rank block peak without the streams, by phase (each at its largest block); `gpu`:
+    correction recomputes each weight's reconstruction in backward (block_correction.py)."""
     settings = job.settings
     calib, corr = settings.calibration, settings.correction
     blocks = _blocks(arch, job)
@@ -135,11 +141,15 @@ def device_parts(arch: Architecture, job: QuantizeJob, world: int = 1) -> dict[s
         workspace = max(workspace, 4 * n * n + 40 * o * n, ldlq)
     correct = 0
     for block in blocks:
-        state = 0
+        state, transient = 0, 0
         for x in block:
             bits = x.out * -(-x.inp // x.cfg.d) * x.cfg.D
-            state += x.count * (20 * bits + 16 * (x.out + 2 * x.inp) + 20 * x.out * x.inp)
-        correct = max(correct, state)
+            if gpu:
+                state += x.count * (16 * bits + 16 * (x.out + 2 * x.inp) + 4 * x.out * x.inp)
+                transient = max(transient, 4 * bits + 16 * x.out * x.inp)
+            else:
+                state += x.count * (20 * bits + 16 * (x.out + 2 * x.inp) + 20 * x.out * x.inp)
+        correct = max(correct, state + transient)
     correct += 4 * grams + activations(arch, corr.batch, calib.seqlen)
     return {
         "weights": 4 * _block_params(arch),
@@ -176,7 +186,7 @@ def host_parts(
     block += world * max(4 * arch.vocab_size * arch.hidden_size, 4 * _block_params(arch))
     block += held
     if on_cpu:  # the block peak is in host RAM (its weights are counted above)
-        peak = device_parts(arch, job, world)
+        peak = device_parts(arch, job, world, gpu=False)
         block += world * (block_peak(peak) - peak["weights"])
     parts = {"block stage": block}
     params, seqlen = param_count(arch), calib.seqlen

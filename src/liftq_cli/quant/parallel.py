@@ -72,6 +72,14 @@ class Ranks:
         self._dist().recv(buffer, src)
         return buffer.to(self.device)
 
+    def send_object(self, obj: Any, dst: int) -> None:
+        self._dist().send_object_list([obj], dst, device=self.wire)
+
+    def recv_object(self, src: int) -> Any:
+        box: list[Any] = [None]
+        self._dist().recv_object_list(box, src, device=self.wire)
+        return box[0]
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         if self.world == 1:
             return obj

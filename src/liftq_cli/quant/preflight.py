@@ -201,11 +201,16 @@ def _disk_rows(
 
 
 def _probe_devices(device: str, world: int) -> list[DeviceMemory]:
-    """Rank r's device: cuda:K+r for --device cuda:K, else cuda:r; [] on a CPU."""
+    """Rank r's device: cuda:r (one process: cuda:K for --device cuda:K); [] on a CPU."""
     if device == "cpu":
         return []
-    base = int(device[5:]) if device.startswith("cuda:") else 0
-    return [d for r in range(world) if (d := device_memory(f"cuda:{base + r}")) is not None]
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    base = int(device[5:]) if device.startswith("cuda:") and world == 1 else 0
+    local = min(world, torch.cuda.device_count() - base)  # this node's share of the ranks
+    return [d for r in range(local) if (d := device_memory(f"cuda:{base + r}")) is not None]
 
 
 def plan(
@@ -223,8 +228,9 @@ def plan(
     """Every figure of quant/footprint.py and the time estimate for `job` on `world`
     processes, against the probes (each injectable; by default this machine's).
 
-    devices: one per rank ([]: the job runs on the CPU; default: probed, cuda:K+r for
-    --device cuda:K); work_used: bytes a resumed work dir already holds (counted as free);
+    devices: one per rank ([]: the job runs on the CPU; default: probed, cuda:r on
+    this node, or cuda:K for one process on --device cuda:K); work_used: bytes a resumed
+    work dir already holds (counted as free);
     dtype_bytes: of the source's unquantized tensors (a preset has no weights: bf16, 2);
     beam: the search beam of a config (default: its catalog entry's). Each rank places its
     own streams (rank 0 holds them in full); the table shows rank 0's placement.
