@@ -103,6 +103,15 @@ def rows(pre):
     return {r.name: r for r in pre.resources}
 
 
+def refusal(pre) -> str:
+    """`check`'s one-line refusal of `pre`."""
+    with pytest.raises(DoesNotFitError) as err:
+        check(pre)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
 def test_the_shapes_written_out_agree_with_the_packed_format():
     cfg = LatticeConfig(24, 10)
     for o, n in LINEARS:
@@ -185,11 +194,7 @@ def test_a_tiny_disk_is_refused_in_one_line_naming_need_and_free(arch, job):
 
     pre = plan(job, arch, host=BIG_HOST, devices=[H100], disk=tiny, work_used=0, beam=beam)
     need = rows(pre)["disk work dir"].need
-    with pytest.raises(DoesNotFitError) as err:
-        check(pre)
-    message = str(err.value)
-    assert "\n" not in message
-    assert message == (
+    assert refusal(pre) == (
         f"--work-dir {job.work} needs {format_bytes(need)} on disk but 1.00 GB is free: free "
         f"{format_bytes(need - GB)} or pass --work-dir on a larger disk"
     )
@@ -217,11 +222,7 @@ def test_a_tiny_host_ram_is_refused_in_one_line(arch, job):
     small = HostMemory(4 * GB, 8 * GB)
     pre = plan(job, arch, host=small, devices=[H100], disk=roomy, work_used=0, beam=beam)
     need = rows(pre)["host RAM"].need
-    with pytest.raises(DoesNotFitError) as err:
-        check(pre)
-    message = str(err.value)
-    assert "\n" not in message
-    assert message == (
+    assert refusal(pre) == (
         f"host RAM: the job needs {format_bytes(need)} (block stage) but 4.00 GB is "
         "available: use a machine with more RAM"
     )
