@@ -19,7 +19,8 @@ from tests.helpers import calibration_text, tiny_llama_folder
 from tests.quant.test_job_digest import canonical, digest
 
 from liftq_cli.errors import BadInputError
-from liftq_cli.quant.parallel import SOLO, Ranks, Team, assign
+from liftq_cli.quant.costmodel import assign
+from liftq_cli.quant.parallel import SOLO, Ranks, Team
 from liftq_cli.quant.stats import TreeSum, batch_ranges, complete, range_nodes
 
 BIN = Path(sys.executable).parent

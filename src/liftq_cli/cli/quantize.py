@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from liftq_cli.cli._common import console, handle_errors, interactive, progress_bar
-from liftq_cli.errors import BadInputError, DoesNotFitError, LiftqError, ResourceError
+from liftq_cli.errors import BadInputError, LiftqError, ResourceError
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant import preflight
 from liftq_cli.quant.events import BlockDone, Event, FinetuneStep, PreflightReady, SensitivityStep
@@ -211,12 +211,13 @@ def reporter(as_json: bool, bar: bool, update) -> Callable[[Event], None]:
     return report
 
 
-def _worker(job: QuantizeJob, as_json: bool) -> tuple[str, Any]:
-    """One process of `--nproc`: ("ok", result on rank 0 / None) or ("error", (class, line))."""
+def _worker(job: QuantizeJob, as_json: bool) -> QuantizeResult | LiftqError | None:
+    """One process of `--nproc`: the result on rank 0 (None elsewhere), or the refusal it
+    raised, handed back (an exception would be a dead rank to the launcher)."""
     try:
-        return "ok", run_job(job, reporter(as_json, False, lambda *_: None))
+        return run_job(job, reporter(as_json, False, lambda *_: None))
     except LiftqError as exc:
-        return "error", (type(exc).__name__, str(exc))
+        return exc
 
 
 def launch(job: QuantizeJob, nproc: int, as_json: bool) -> QuantizeResult:
@@ -250,13 +251,9 @@ def launch(job: QuantizeJob, nproc: int, as_json: bool) -> QuantizeResult:
             f"'{job.work}' keeps every finished block; rerun the same command to resume"
         ) from None
     for rank in sorted(outcomes):  # a refusal: every rank raised it, report rank 0's
-        status, value = outcomes[rank]
-        if status == "error":
-            kind, line = value
-            raise {"BadInputError": BadInputError, "DoesNotFitError": DoesNotFitError}.get(
-                kind, ResourceError
-            )(line)
-    return outcomes[0][1]
+        if isinstance(outcomes[rank], LiftqError):
+            raise outcomes[rank]
+    return outcomes[0]
 
 
 def override(settings: QuantizeSettings, given: dict[str, Any]) -> QuantizeSettings:

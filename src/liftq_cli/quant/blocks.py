@@ -30,6 +30,7 @@ from liftq_cli.io.weights import WeightReader
 from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant.block_correction import CorrectableLinear, correct_block
+from liftq_cli.quant.costmodel import assign
 from liftq_cli.quant.device import stream_home, to_home
 from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.events import BlockDone, BlockReport, Progress
@@ -40,7 +41,7 @@ from liftq_cli.quant.exchange import (
     share_state,
 )
 from liftq_cli.quant.ldlq import Encoder
-from liftq_cli.quant.parallel import SOLO, Ranks, Team, assign
+from liftq_cli.quant.parallel import SOLO, Ranks, Team
 from liftq_cli.quant.reconstruct import QuantizedLinear
 from liftq_cli.quant.whitening import fit_whitening
 from liftq_cli.quantize_job import QuantizeSettings

@@ -20,13 +20,13 @@ with F(t) = 2 t P + 2 t L q_dim (causal attention) the flops of a forward pass o
 and R = sum 2 o ceil(n/d) d D + 2 o n (a+b) + 3 o n the flops of reconstructing every weight.
 
 Seconds = units x a coefficient (seconds per unit) per stage and device kind, all in
-`cost_coefficients.json` beside this module. With W processes, whiten + encode + LDLQ of the linears
-are spread over the ranks by cost (greedy bin packing, the fullest rank counts), stats and
-forwards split by calibration windows (ceil(N/W) each), and correction runs on rank 0 over
-every window, its MSE passes included (not split: its gradients then sum exactly as one
-process's do, so the codes match bit for bit). Communication (`comm_bytes`): Gram tree
-nodes to the owners, encoded linears from them, the streams gathered on rank 0 and the
-trained parameters broadcast from it.
+`cost_coefficients.json` beside this module. With W processes, whiten + encode + LDLQ of the
+linears are spread over the ranks by cost (`assign`, as the block stage does; the fullest
+rank counts), stats and forwards split by calibration windows (ceil(N/W) each), and
+correction runs on rank 0 over every window, MSE passes included (not split: its gradients
+then sum as one process's do, so the codes match bit for bit). Communication
+(`comm_bytes`): Gram tree nodes to the owners, encoded linears from them, the streams
+gathered on rank 0 and the trained parameters broadcast from it.
 """
 
 from __future__ import annotations
@@ -228,15 +228,16 @@ def comm_bytes(
     return gram + states + 2 * part * stream + (world - 1) * latents
 
 
-def pack_linears(costs: Sequence[float], world: int) -> list[list[int]]:
-    """Greedy bin packing (largest first onto the least loaded rank): indices per rank."""
-    bins: list[list[int]] = [[] for _ in range(world)]
+def assign(costs: Mapping[Any, float], world: int) -> dict[Any, int]:
+    """Owner rank of each item (the block stage's split of its linears): largest cost first
+    to the least-loaded rank, ties to the lower rank and equal costs in key order."""
     load = [0.0] * world
-    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        rank = min(range(world), key=lambda r: load[r])
-        bins[rank].append(index)
-        load[rank] += costs[index]
-    return bins
+    owner = {}
+    for name in sorted(costs, key=lambda n: (-costs[n], n)):
+        rank = min(range(world), key=lambda r: (load[r], r))
+        owner[name] = rank
+        load[rank] += costs[name]
+    return owner
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,9 @@ def estimate(
         work = block_work(arch, layer, pick, beam or _catalog_beam)
         per_linear = [linear_stage_units(lin, settings) for lin in work]
         costs = [sum(u[s] * coef.seconds[s] for s in u) for u in per_linear]
-        fullest = max(pack_linears(costs, world), key=lambda ids: sum(costs[i] for i in ids))
+        owner = assign(dict(enumerate(costs)), world)
+        bins = [[i for i in owner if owner[i] == rank] for rank in range(world)]
+        fullest = max(bins, key=lambda ids: sum(costs[i] for i in ids))
         for index in fullest:
             for stage, units in per_linear[index].items():
                 totals[stage] += units

@@ -20,7 +20,7 @@ from torch import nn
 from liftq_cli.io.codes import pack_codes, unpack_codes
 from liftq_cli.quant.block_correction import CorrectableLinear, CorrectionResult
 from liftq_cli.quant.parallel import Ranks, Team
-from liftq_cli.quant.stats import TreeSum, collect, complete, finish, iter_nodes, owners_of
+from liftq_cli.quant.stats import TreeSum, collect, complete, finish, range_nodes
 
 RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -48,11 +48,11 @@ def gram_stats(
     found = collect(
         block, linear_kinds(block), run, team.local(inputs), team.batch, team.first_batch
     )
-    every = iter_nodes(team.ranges)
+    every = [range_nodes(lo, hi) for lo, hi in team.ranges]  # each rank's nodes
     out = {}
     for key, names in found.groups.items():
         nodes = found.nodes(key)
-        need = owners_of({key: names}, {n: owner.get(n, 0) for n in names})[key]
+        need = sorted({owner.get(n, 0) for n in names})  # ranks owning a linear reading it
         width = nodes[every[ranks.rank][0]][1].shape[0]
         merged = TreeSum()  # on an owner: every rank's nodes, left to right, siblings merged
         for src in range(ranks.world):

@@ -118,7 +118,7 @@ def run_job(job: QuantizeJob, progress: Progress | None = None) -> QuantizeResul
     Under torchrun (or `liftq quantize --nproc N`) every rank runs this; the root (rank 0)
     owns the work dir and the output and returns the result, the others take part in the
     block stage and return None."""
-    _, world, local_rank = world_from_env()
+    _, _, local_rank = world_from_env()
     device = resolve_device(job.device, local_rank)  # a missing GPU fails before any work
     ranks = join(device)
     try:
@@ -199,13 +199,21 @@ def resolve_job(
         tuning_text = load_text(settings.finetune.calib) if settings.finetune.calib else text
         tuning = finetune_windows(tuning_text, tokenizer, calib.seqlen, settings.finetune)
     return Resolved(
-        folder, hf_config, shapes, calibration, tuning, device, arch, _dtype_bytes(hf_config)
+        folder,
+        hf_config,
+        shapes,
+        calibration,
+        tuning,
+        device,
+        arch,
+        _dtype_bytes(hf_config.to_dict()),
     )
 
 
-def _dtype_bytes(hf_config) -> int:
-    """Bytes per element of the checkpoint's tensors (its config's dtype; default bf16)."""
-    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+def _dtype_bytes(config: dict[str, Any]) -> int:
+    """Bytes per element of the checkpoint's tensors, from its config.json fields (`dtype`,
+    or the older `torch_dtype`; default bf16)."""
+    dtype = config.get("dtype") or config.get("torch_dtype")
     return 4 if str(dtype).removeprefix("torch.") == "float32" else 2
 
 
@@ -221,12 +229,9 @@ def dry_run(job: QuantizeJob, world: int = 1) -> preflight.Preflight:
     if Path(spec).suffix == ".gguf":  # its config is inside: the converted folder has one
         spec = str(materialize(resolve(spec)))
     arch = resolve_architecture(spec)
-    dtype = 2
     config = Path(spec) / "config.json"
-    if config.is_file():
-        fields = json.loads(config.read_text())
-        dtype = 4 if (fields.get("dtype") or fields.get("torch_dtype")) == "float32" else 2
-    return preflight.plan(job, arch, world, dtype_bytes=dtype)
+    fields = json.loads(config.read_text()) if config.is_file() else {}
+    return preflight.plan(job, arch, world, dtype_bytes=_dtype_bytes(fields))
 
 
 def quantize_resolved(

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from liftq_cli.errors import BadInputError
+from liftq_cli.quant.stats import batch_ranges
 
 TIMEOUT_ENV = "LIFTQ_DIST_TIMEOUT"  # seconds a rank waits for the others (default 1800)
 
@@ -43,10 +44,6 @@ class Ranks:
         import torch.distributed as dist
 
         return dist
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self._dist().barrier()
 
     def broadcast(
         self, tensor: torch.Tensor | None, shape, dtype: torch.dtype, src: int
@@ -87,9 +84,7 @@ class Ranks:
         self._dist().broadcast_object_list(box, src, device=self.wire)
         return box[0]
 
-    def gather_rows(
-        self, shard: torch.Tensor, counts: list[int], like: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
+    def gather_rows(self, shard: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
         """Concatenate every rank's shard (dim 0, `counts[r]` rows each, rank order) on the
         root; None elsewhere. The root's result lives where its own shard does."""
         if self.world == 1:
@@ -174,18 +169,6 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def assign(costs: dict[str, float], world: int) -> dict[str, int]:
-    """Owner rank of each item: largest cost first to the least-loaded rank (ties to the
-    lower rank), so the heaviest rank's load is within the largest item of the best split."""
-    load = [0.0] * world
-    owner = {}
-    for name in sorted(costs, key=lambda n: (-costs[n], n)):
-        rank = min(range(world), key=lambda r: (load[r], r))
-        owner[name] = rank
-        load[rank] += costs[name]
-    return owner
-
-
 SOLO = Ranks()
 
 
@@ -217,8 +200,6 @@ class Team:
 
     @property
     def ranges(self) -> list[tuple[int, int]]:
-        from liftq_cli.quant.stats import batch_ranges
-
         return batch_ranges(self.batches, self.ranks.world)
 
     def rows(self, rank: int | None = None) -> slice:

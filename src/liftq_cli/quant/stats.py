@@ -15,7 +15,7 @@ does and the Gram matrices, hence the codes, match bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -155,11 +155,6 @@ def finish(total: Partial, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (gram / tokens).float(), (absolute / tokens).float()
 
 
-def owners_of(groups: dict[str, list[str]], owner: dict[str, int]) -> dict[str, list[int]]:
-    """For each input, the ranks that own one of its linears (sorted, unique)."""
-    return {key: sorted({owner[name] for name in names}) for key, names in groups.items()}
-
-
 def batch_ranges(batches: int, world: int) -> list[tuple[int, int]]:
     """Contiguous, balanced batch ranges [lo, hi) per rank (earlier ranks take the extra)."""
     base, extra = divmod(batches, world)
@@ -169,7 +164,3 @@ def batch_ranges(batches: int, world: int) -> list[tuple[int, int]]:
         ranges.append((lo, hi))
         lo = hi
     return ranges
-
-
-def iter_nodes(ranges: Iterable[tuple[int, int]]) -> list[list[Node]]:
-    return [range_nodes(lo, hi) for lo, hi in ranges]
