@@ -9,13 +9,18 @@ and the 1-bit GEMV). On CUDA the packed layers run the Triton kernels; on CPU th
 The model is either a packed folder (`--model PACKED_DIR`; the dense baseline is its
 dequantized weights in fp16) or a synthetic one (`--synthetic smollm2-135m --config LQ-24/10`:
 the architecture of a plan preset with random weights and random codes; speed does not depend
-on the values), which needs no files, e.g. on a GPU machine.
+on the values), which needs no files, e.g. on a GPU machine. Every preset's shapes run on the
+kernels: on CUDA the script refuses to report if any packed layer would not take the Triton
+path. `--layers N` keeps the first N blocks of a synthetic model (the per-layer table is
+block 0 either way; tokens/s is then that of the N-block model, said in the output) and
+`--vocab V` shrinks its vocabulary, so a 70B preset's shapes fit a small machine.
 
 Usage:
   python bench/decode.py --model /work/out/smollm2-LQ-24-10-packed [--device cpu]
   python bench/decode.py --synthetic smollm2-135m --config LQ-24/10 --device cuda
+  python bench/decode.py --synthetic llama-3-70b --layers 2 --device cuda
 Options: --dtype float16 --new-tokens 32 --prompt-tokens 16 --reps 50 --prefill-rows 512
-         --threads N --json PATH
+         (0: no prefill timing) --layers N --vocab V --threads N --json PATH
 """
 
 from __future__ import annotations
@@ -30,13 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import liftq_cli  # noqa: F401  (registers the packed format with transformers)
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.runtime.linear import LiftQuantLinear, replace_linears
 from liftq_kernels.ops import lut_bitmm, pick_backend
-from liftq_kernels.reference import lift_ref
+from liftq_kernels.reference import WORD_BITS, code_order, lift_ref
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -62,8 +68,16 @@ def seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
-def synthetic(arch_name: str, cfg: LatticeConfig, dtype: torch.dtype, device: torch.device):
-    """(dense model, packed model) of a preset architecture with random weights and codes."""
+def synthetic(
+    arch_name: str,
+    cfg: LatticeConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    layers: int | None = None,
+    vocab: int | None = None,
+):
+    """(dense model, packed model) of a preset architecture with random weights and codes
+    (the first `layers` blocks, a `vocab`-token vocabulary when given)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from liftq_cli.plan.architectures import resolve_architecture
@@ -71,10 +85,10 @@ def synthetic(arch_name: str, cfg: LatticeConfig, dtype: torch.dtype, device: to
 
     arch = resolve_architecture(arch_name)
     config = LlamaConfig(
-        vocab_size=arch.vocab_size,
+        vocab_size=vocab or arch.vocab_size,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers,
+        num_hidden_layers=min(layers or arch.num_layers, arch.num_layers),
         num_attention_heads=arch.num_heads,
         num_key_value_heads=arch.num_kv_heads,
         head_dim=arch.head_dim,
@@ -99,8 +113,13 @@ def synthetic(arch_name: str, cfg: LatticeConfig, dtype: torch.dtype, device: to
                 module.qscale.copy_(torch.full_like(module.qscale, 0.02))
                 module.s1.fill_(1.0)
                 module.s2.fill_(1.0)
-                module.p1.copy_(orthogonal_init(module.p1.shape[0], g))
-                module.p2.copy_(orthogonal_init(module.p2.shape[0], g))
+                for name in ("p1", "p2"):
+                    if f"{name}_signs" in module._buffers:  # a Hadamard factor: its signs
+                        signs = module.get_buffer(f"{name}_signs")
+                        signs.copy_(torch.randint(0, 2, signs.shape, generator=g) * 2 - 1)
+                    else:
+                        factor = module.get_buffer(name)
+                        factor.copy_(orthogonal_init(factor.shape[0], g))
     return dense.to(device), packed.to(device).eval()
 
 
@@ -126,18 +145,20 @@ def from_packed(folder: Path, dtype: torch.dtype, device: torch.device):
 
 def stage_fns(mod: LiftQuantLinear, x: torch.Tensor, backend: str, dtype: torch.dtype):
     """(lift, gemv) callables of one packed layer for input x [1, in]."""
-    args = (mod.s1, mod.p1, mod.p2, mod.s2, mod.lattice)
+    words, scale, *args = mod.kernel_args()
     if backend == "triton":
         from liftq_kernels.bitgemv import bitgemv
         from liftq_kernels.lift import lift
 
-        z = lift(x, *args)
+        k_padded = words.shape[1] * WORD_BITS
+        z, z_scale = lift(x, *args, k_padded)
         return (
-            lambda: lift(x, *args),
-            lambda: bitgemv(z, mod.qweight, mod.qscale, out_dtype=dtype),
+            lambda: lift(x, *args, k_padded),
+            lambda: bitgemv(z, z_scale, words, scale, out_dtype=dtype),
         )
     z = lift_ref(x, *args)
-    return lambda: lift_ref(x, *args), lambda: lut_bitmm(z, mod.qweight, mod.qscale)
+    z = F.pad(z, (0, words.shape[1] * WORD_BITS - z.shape[1]))[:, code_order(words.shape[1])]
+    return lambda: lift_ref(x, *args), lambda: lut_bitmm(z, words, scale)
 
 
 def time_layer(base: nn.Linear, mod: LiftQuantLinear, backend: str, dtype, device, reps, prefill):
@@ -145,9 +166,12 @@ def time_layer(base: nn.Linear, mod: LiftQuantLinear, backend: str, dtype, devic
     xs = torch.randn(prefill, mod.in_features, device=device, dtype=dtype)
     lift_fn, gemv_fn = stage_fns(mod, x, backend, dtype)
     with torch.no_grad():
+        prefill = {
+            "prefill_dense_us": seconds(lambda: base(xs), device, reps) * 1e6 if len(xs) else 0,
+            "prefill_packed_us": seconds(lambda: mod(xs), device, reps) * 1e6 if len(xs) else 0,
+        }
         return {
-            "prefill_dense_us": seconds(lambda: base(xs), device, reps) * 1e6,
-            "prefill_packed_us": seconds(lambda: mod(xs), device, reps) * 1e6,
+            **prefill,
             "out": mod.out_features,
             "in": mod.in_features,
             "config": mod.cfg.name,
@@ -206,6 +230,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--prefill-rows", type=int, default=512, help="tokens per prefill call")
+    parser.add_argument("--layers", type=int, default=None, help="blocks of a synthetic model")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary of a synthetic model")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
     args = parser.parse_args()
@@ -216,10 +242,17 @@ def main() -> None:
         dense, packed = from_packed(args.model, dtype, device)
         label = str(args.model)
     else:
-        dense, packed = synthetic(args.synthetic, LatticeConfig.parse(args.config), dtype, device)
-        label = f"{args.synthetic} (synthetic, random codes)"
+        cfg = LatticeConfig.parse(args.config)
+        dense, packed = synthetic(args.synthetic, cfg, dtype, device, args.layers, args.vocab)
+        blocks = dense.config.num_hidden_layers
+        label = f"{args.synthetic} (synthetic, random codes, {blocks} blocks"
+        label += f", vocab {dense.config.vocab_size})"
     probe = torch.empty(1, device=device)
     backend = pick_backend(probe)
+    if device.type == "cuda" and backend != "triton":
+        raise SystemExit(
+            f"packed layers on CUDA would take the '{backend}' path: unset LIFTQ_BACKEND"
+        )
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:

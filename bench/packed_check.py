@@ -10,6 +10,10 @@ Packs QUANT_DIR (unless --packed names an existing packed folder), then checks a
 4. perplexity of the packed model equals the unpacked (fake-quant) model's within 0.1%
    (same protocol as `liftq eval`: wikitext2, ctx 1024, first 40960 tokens by default).
 
+The pack keeps the embedding and lm_head at fp16 (`--embed fp16 --lm-head fp16`), so the
+perplexity compares the packed linears alone; tests/io/test_packed_embeddings.py covers the
+other settings.
+
 Usage: python bench/packed_check.py QUANT_DIR [--packed DIR] [--ctx 1024] [--max-tokens 40960]
        [--ppl wikitext2] [--skip-ppl] [--json PATH]
 Exit status 0 when every check passes, 1 otherwise.
@@ -26,6 +30,7 @@ import torch
 from safetensors import safe_open
 
 from liftq_cli.evaluate.report import evaluate
+from liftq_cli.io.codes import unpack_codes as read_codes
 from liftq_cli.io.packed import pack_quantized, read_packed_config, unpack_codes
 from liftq_cli.plan.architectures import from_hf_config
 from liftq_cli.plan.memory import MemorySettings, model_breakdown
@@ -52,13 +57,17 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     packed = args.packed or args.quant_dir.with_name(f"{args.quant_dir.name}-packed")
-    report = pack_quantized(args.quant_dir, packed)
+    # fp16 embedding and lm_head: the perplexity check is about the packed linears
+    report = pack_quantized(args.quant_dir, packed, embed="fp16", lm_head="fp16")
     checks: dict[str, bool] = {}
     out: dict[str, object] = {"quant_dir": str(args.quant_dir), "packed": str(packed)}
 
     unpacked = unpack_codes(packed)
     with safe_open(args.quant_dir / "liftq_codes.safetensors", framework="pt") as handle:
-        same = [torch.equal(bits, handle.get_tensor(f"{k}.codes")) for k, bits in unpacked.items()]
+        same = [
+            torch.equal(bits, read_codes(handle.get_tensor(f"{k}.codes"), *bits.shape[1:]))
+            for k, bits in unpacked.items()
+        ]
     checks["codes_bit_for_bit"] = all(same) and len(same) > 0
     print(f"codes: {sum(same)}/{len(same)} linears identical bit for bit after pack -> unpack")
 

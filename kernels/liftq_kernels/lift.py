@@ -1,12 +1,16 @@
-"""Triton kernel: lift activations into the sign-code basis, z = blockdiag(M)^T T^-1 x.
+"""Triton kernels: lift activations into the sign-code basis, z = blockdiag(M)^T T^-1 x.
 
-One program per row of x. Phase 1 keeps X = (x / s1).reshape(a, b) in registers and forms
-u = vec(P1^T X P2) / s2 with two small dots (factors zero-padded to powers of two, at least
-16); u goes to a float32 scratch row. Phase 2 reads u back as d-slices (zero past n) and
-multiplies each block of slices by the padded lattice matrix M (d x D), writing z. The block
-barrier between the phases makes the scratch writes of all threads visible.
+Three launches, each spread over the whole GPU (a grid of tiles per activation row, so one
+token still uses every SM), with no limit on the Kronecker factor sizes:
 
-Reference: `reference.lift_ref`.
+1. `_rotate_kernel`: Y = (X / s1) P2 with X = x.reshape(a, b): tiles of [BLOCK, BLOCK];
+2. `_rotate_kernel`: U = P1^T Y / s2, and the largest |U| of every tile;
+3. `_lattice_kernel`: z_j = M^T u_j for blocks of d-slices, scaled by 2^-e and stored as fp16
+   (zero past K up to the padded row of the codes); 2^e (float32, one per row) is the
+   smallest power of two with max|u| * max_t sum_j |M_jt| <= 2^11 * 2^e, which bounds every
+   |z16| by 2^11 so the GEMV's fp16 partial sums cannot overflow (`reference.z_scale_ref`).
+
+Products are float32 ("ieee": no TF32). Reference: `reference.lift_codes_ref`.
 """
 
 from __future__ import annotations
@@ -15,128 +19,166 @@ import torch
 import triton
 import triton.language as tl
 
-from liftq_kernels.autotune import LIFT_MAX_FACTOR, lift_warps
+from liftq_kernels.autotune import LIFT_BLOCK, LIFT_SLICES, LIFT_WARPS
 
-SLICE_BLOCK = 32  # d-slices multiplied by M per step of phase 2
+Z_BOUND_LOG2: tl.constexpr = tl.constexpr(11)
 
 
 @triton.jit
-def _lift_kernel(
-    x_ptr,
-    s1_ptr,
-    p1_ptr,
-    p2_ptr,
-    s2_ptr,
-    m_ptr,
+def _rotate_kernel(
+    a_ptr,
+    a_div_ptr,
+    b_ptr,
+    c_ptr,
+    c_div_ptr,
+    amax_ptr,
+    M,
+    N,
+    K,
+    stride_a_row,
+    stride_am,
+    stride_ak,
+    stride_b_row,
+    stride_bk,
+    stride_bn,
+    stride_c_row,
+    stride_amax,
+    DIV_A: tl.constexpr,
+    DIV_C: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """C[r] = A[r] @ B[r] for [M, K] x [K, N] tiles; A / a_div, C / c_div and a tile |C| max
+    optional (a_div and c_div share the row-free index m * N + n of a row-major [M, N])."""
+    pid = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    tiles_n = tl.cdiv(N, BLOCK)
+    rm = (pid // tiles_n) * BLOCK + tl.arange(0, BLOCK)
+    rn = (pid % tiles_n) * BLOCK + tl.arange(0, BLOCK)
+    rk = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        a_mask = (rm[:, None] < M) & (k0 + rk[None, :] < K)
+        a_off = rm[:, None] * stride_am + (k0 + rk[None, :]) * stride_ak
+        a = tl.load(a_ptr + row * stride_a_row + a_off, mask=a_mask, other=0.0).to(tl.float32)
+        if DIV_A:
+            a = a / tl.load(a_div_ptr + a_off, mask=a_mask, other=1.0).to(tl.float32)
+        b_mask = (k0 + rk[:, None] < K) & (rn[None, :] < N)
+        b_off = (k0 + rk[:, None]) * stride_bk + rn[None, :] * stride_bn
+        b = tl.load(b_ptr + row * stride_b_row + b_off, mask=b_mask, other=0.0).to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+    c_off = rm[:, None] * N + rn[None, :]
+    if DIV_C:
+        acc = acc / tl.load(c_div_ptr + c_off, mask=c_mask, other=1.0).to(tl.float32)
+        tile_max = tl.max(tl.max(tl.where(c_mask, tl.abs(acc), 0.0), axis=1), axis=0)
+        tl.store(amax_ptr + row * stride_amax + pid, tile_max)
+    tl.store(c_ptr + row * stride_c_row + c_off, acc, mask=c_mask)
+
+
+@triton.jit
+def _lattice_kernel(
     u_ptr,
+    amax_ptr,
+    m_ptr,
     z_ptr,
+    zs_ptr,
     n,
-    a,
-    b,
     n_slices,
-    stride_x,
+    k_padded,
+    tiles,
     stride_u,
+    stride_amax,
     stride_z,
     D: tl.constexpr,
     d: tl.constexpr,
-    A_P: tl.constexpr,
-    B_P: tl.constexpr,
     BIG_D_P: tl.constexpr,
     SMALL_D_P: tl.constexpr,
     S_BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    ia = tl.arange(0, A_P)
-    ib = tl.arange(0, B_P)
-    inside = (ia[:, None] < a) & (ib[None, :] < b)
-    idx = ia[:, None] * b + ib[None, :]
-    x = tl.load(x_ptr + row * stride_x + idx, mask=inside, other=0.0).to(tl.float32)
-    s1 = tl.load(s1_ptr + idx, mask=inside, other=1.0).to(tl.float32)
-    # p1t[i, j] = P1[j, i]
-    p1_mask = (ia[:, None] < a) & (ia[None, :] < a)
-    p1t = tl.load(p1_ptr + ia[None, :] * a + ia[:, None], mask=p1_mask, other=0.0).to(tl.float32)
-    rotated = tl.dot(p1t, x / s1, input_precision="ieee")
-    p2_mask = (ib[:, None] < b) & (ib[None, :] < b)
-    p2 = tl.load(p2_ptr + ib[:, None] * b + ib[None, :], mask=p2_mask, other=0.0).to(tl.float32)
-    rotated = tl.dot(rotated, p2, input_precision="ieee")
-    s2 = tl.load(s2_ptr + idx, mask=inside, other=1.0).to(tl.float32)
-    tl.store(u_ptr + row * stride_u + idx, rotated / s2, mask=inside)
-    tl.debug_barrier()
-
+    pid = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
     jd = tl.arange(0, SMALL_D_P)
     jD = tl.arange(0, BIG_D_P)
     m_mask = (jd[:, None] < d) & (jD[None, :] < D)
     m = tl.load(m_ptr + jd[:, None] * D + jD[None, :], mask=m_mask, other=0.0).to(tl.float32)
-    for s0 in range(0, n_slices, S_BLOCK):
-        s = s0 + tl.arange(0, S_BLOCK)
-        u_idx = s[:, None] * d + jd[None, :]
-        u = tl.load(u_ptr + row * stride_u + u_idx, mask=(jd[None, :] < d) & (u_idx < n), other=0.0)
-        zs = tl.dot(u, m, input_precision="ieee")
-        z_idx = s[:, None] * D + jD[None, :]
-        z_mask = (s[:, None] < n_slices) & (jD[None, :] < D)
-        tl.store(z_ptr + row * stride_z + z_idx, zs.to(z_ptr.dtype.element_ty), mask=z_mask)
+    gain = tl.max(tl.sum(tl.abs(m), axis=0), axis=0)
+    u_max = 0.0
+    for t0 in range(0, tiles, 64):
+        t = t0 + tl.arange(0, 64)
+        part = tl.load(amax_ptr + row * stride_amax + t, mask=t < tiles, other=0.0)
+        u_max = tl.maximum(u_max, tl.max(part, axis=0))
+    bound = tl.maximum(u_max * gain, 1e-30)
+    e = tl.ceil(tl.log2(bound)).to(tl.int32) - Z_BOUND_LOG2
+    e = tl.minimum(tl.maximum(e, -126), 126)
+    inv_scale = ((127 - e) << 23).to(tl.float32, bitcast=True)  # exactly 2^-e
+
+    s = pid * S_BLOCK + tl.arange(0, S_BLOCK)
+    u_idx = s[:, None] * d + jd[None, :]
+    u_mask = (jd[None, :] < d) & (u_idx < n)
+    u = tl.load(u_ptr + row * stride_u + u_idx, mask=u_mask, other=0.0)
+    zs = tl.dot(u, m, input_precision="ieee") * inv_scale
+    z_idx = s[:, None] * D + jD[None, :]
+    z_mask = (jD[None, :] < D) & (z_idx < k_padded)
+    tl.store(z_ptr + row * stride_z + z_idx, zs.to(tl.float16), mask=z_mask)
+    if pid == 0:
+        tl.store(zs_ptr + row, ((127 + e) << 23).to(tl.float32, bitcast=True))
 
 
 def _pad(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
-def lift_supported(in_features: int, a: int, b: int) -> bool:
-    """True when the lift kernel handles this factor pair (see `autotune.LIFT_MAX_FACTOR`)."""
-    return a * b == in_features and max(a, b) <= LIFT_MAX_FACTOR
+def _check(x, s1, p1, p2, s2, lattice, k_padded):
+    rows, n = x.shape
+    a, b = p1.shape[0], p2.shape[0]
+    if a * b != n:
+        raise ValueError(f"lift: factors {a} x {b} do not multiply to in_features {n}")
+    checks = (("s1", s1, (n,)), ("s2", s2, (n,)), ("p1", p1, (a, a)), ("p2", p2, (b, b)))
+    for name, t, shape in checks:
+        if tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"lift: {name} must be contiguous {shape}, not {tuple(t.shape)}")
+    d, big_d = lattice.shape
+    if x.stride(1) != 1 or not lattice.is_contiguous():
+        raise ValueError("lift: x rows and the lattice matrix must be contiguous")
+    if k_padded < -(-n // d) * big_d or k_padded % 32:
+        raise ValueError(f"lift: k_padded={k_padded} must be a multiple of 32 holding K bits")
 
 
-def _launch_lift(x, s1, p1, p2, s2, lattice, z_dtype, out):
+def _launch_lift(x, s1, p1, p2, s2, lattice, k_padded, out):
+    _check(x, s1, p1, p2, s2, lattice, k_padded)
     rows, n = x.shape
     a, b = p1.shape[0], p2.shape[0]
     d, big_d = lattice.shape
-    if not lift_supported(n, a, b):
-        raise ValueError(f"lift kernel: factors ({a}, {b}) of in_features {n} are not supported")
-    for name, t, shape in (
-        ("s1", s1, (n,)),
-        ("s2", s2, (n,)),
-        ("p1", p1, (a, a)),
-        ("p2", p2, (b, b)),
-    ):
-        if tuple(t.shape) != shape or not t.is_contiguous():
-            raise ValueError(f"lift: {name} must be contiguous {shape}, not {tuple(t.shape)}")
-    if x.stride(1) != 1 or not lattice.is_contiguous():
-        raise ValueError("lift kernel: x rows and the lattice matrix must be contiguous")
-    n_slices = -(-n // d)
     if out is None:
-        out = torch.empty(rows, n_slices * big_d, dtype=z_dtype, device=x.device)
-    if tuple(out.shape) != (rows, n_slices * big_d) or out.stride(1) != 1:
-        raise ValueError(f"lift kernel: out must be ({rows}, {n_slices * big_d}) with unit stride")
-    scratch = torch.empty(rows, n, dtype=torch.float32, device=x.device)
+        out = torch.empty(rows, k_padded, dtype=torch.float16, device=x.device)
+    if tuple(out.shape) != (rows, k_padded) or out.stride(1) != 1 or out.dtype != torch.float16:
+        raise ValueError(f"lift: out must be float16 ({rows}, {k_padded}) with unit stride")
+    z_scale = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows == 0:
-        return out
-    a_p, b_p = _pad(a), _pad(b)
-    _lift_kernel[(rows,)](
-        x,
-        s1,
-        p1,
-        p2,
-        s2,
-        lattice,
-        scratch,
-        out,
-        n,
-        a,
-        b,
-        n_slices,
-        x.stride(0),
-        scratch.stride(0),
-        out.stride(0),
-        D=big_d,
-        d=d,
-        A_P=a_p,
-        B_P=b_p,
-        BIG_D_P=_pad(big_d),
-        SMALL_D_P=_pad(d),
-        S_BLOCK=SLICE_BLOCK,
-        num_warps=lift_warps(a_p, b_p),
-    )
-    return out
+        return out, z_scale
+    y = torch.empty(rows, n, dtype=torch.float32, device=x.device)
+    u = torch.empty_like(y)
+    tiles = triton.cdiv(a, LIFT_BLOCK) * triton.cdiv(b, LIFT_BLOCK)
+    amax = torch.empty(rows, tiles, dtype=torch.float32, device=x.device)
+    grid = (tiles, rows)
+    common = {"BLOCK": LIFT_BLOCK, "num_warps": LIFT_WARPS}
+    # Y = (X / s1) P2: A = X [a, b] (row r at x[r]), B = P2 shared by every row
+    _rotate_kernel[grid](
+        x, s1, p2, y, s2, amax, a, b, b,
+        x.stride(0), b, 1, 0, b, 1, n, tiles, DIV_A=True, DIV_C=False, **common,
+    )  # fmt: skip
+    # U = P1^T Y / s2: A = P1^T (element (i, k) = P1[k, i]) shared, B = Y[r]
+    _rotate_kernel[grid](
+        p1, s1, y, u, s2, amax, a, b, a,
+        0, 1, a, n, b, 1, n, tiles, DIV_A=False, DIV_C=True, **common,
+    )  # fmt: skip
+    slices = triton.cdiv(k_padded, big_d)  # past ceil(n / d): zero slices fill the padding
+    _lattice_kernel[(triton.cdiv(slices, LIFT_SLICES), rows)](
+        u, amax, lattice, out, z_scale, n, -(-n // d), k_padded, tiles,
+        n, tiles, out.stride(0), D=big_d, d=d, BIG_D_P=_pad(big_d), SMALL_D_P=_pad(d),
+        S_BLOCK=LIFT_SLICES, num_warps=LIFT_WARPS,
+    )  # fmt: skip
+    return out, z_scale
 
 
 def lift(
@@ -146,14 +188,15 @@ def lift(
     p2: torch.Tensor,
     s2: torch.Tensor,
     lattice: torch.Tensor,
-    z_dtype: torch.dtype = torch.float32,
+    k_padded: int,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """z = blockdiag(M)^T T^-1 x on the device of x (Triton).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z16, z_scale) with z16 * z_scale[:, None] = blockdiag(M)^T T^-1 x (Triton).
 
     x: [B, n] float16/bfloat16/float32 with unit stride along n; s1, s2: [n]; p1: [a, a];
-    p2: [b, b] with a * b = n and a, b <= LIFT_MAX_FACTOR (any float dtype, contiguous);
-    lattice M: [d, D]. Accumulates in float32. Returns z [B, ceil(n / d) * D] in `z_dtype`
-    (written into `out` when given).
+    p2: [b, b] with a * b = n, any sizes (float dtypes, contiguous); lattice M: [d, D].
+    Returns z16 float16 [B, k_padded] (zero past ceil(n / d) * D; written into `out` when
+    given) and z_scale float32 [B], a power of two per row with |z16| <= 2^11. Float32
+    products; no host synchronisation (CUDA-graph safe).
     """
-    return _launch_lift(x, s1, p1, p2, s2, lattice, z_dtype, out)
+    return _launch_lift(x, s1, p1, p2, s2, lattice, k_padded, out)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from liftq_kernels.autotune import DECODE_MAX_ROWS, LUT_MAX_ROWS
-from liftq_kernels.reference import bitmm_ref, lift_ref
+from liftq_kernels.reference import WORD_BITS, bitmm_ref, code_order, lift_ref
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -74,9 +74,12 @@ def torch_linear(
     s2: torch.Tensor,
     lattice: torch.Tensor,
 ) -> torch.Tensor:
-    """Torch path: float32 lift, then byte lookup tables (at most `LUT_MAX_ROWS` rows) or the
-    signs unpacked for this call and one matmul. Returns x.dtype."""
-    z = lift_ref(x, s1, p1, p2, s2, lattice)
+    """Torch path: float32 lift, z moved into the codes' bit order, then byte lookup tables
+    (at most `LUT_MAX_ROWS` rows) or the signs unpacked for this call and one matmul (both
+    read `words` as a plain bitstream). Returns x.dtype."""
+    lifted = lift_ref(x, s1, p1, p2, s2, lattice)
+    z = F.pad(lifted, (0, words.shape[1] * WORD_BITS - lifted.shape[1]))
+    z = z[:, code_order(words.shape[1], z.device)]
     if z.shape[0] <= LUT_MAX_ROWS and sys.byteorder == "little":
         return lut_bitmm(z, words, scale).to(x.dtype)
     return bitmm_ref(z, words, scale).to(x.dtype)
@@ -92,20 +95,16 @@ def triton_linear(
     s2: torch.Tensor,
     lattice: torch.Tensor,
 ) -> torch.Tensor:
-    """Triton path: lift kernel, then the decode GEMV or the prefill GEMM. Returns x.dtype."""
+    """Triton path: lift kernels, then the decode GEMV (at most `DECODE_MAX_ROWS` rows) or the
+    prefill GEMM. Every shape runs on the kernels (no torch fallback). Returns x.dtype."""
     from liftq_kernels.bitgemm import bitgemm
     from liftq_kernels.bitgemv import bitgemv
-    from liftq_kernels.lift import lift, lift_supported
+    from liftq_kernels.lift import lift
 
-    decode = x.shape[0] <= DECODE_MAX_ROWS
-    z_dtype = torch.float32 if decode else x.dtype
-    if lift_supported(x.shape[1], p1.shape[0], p2.shape[0]):
-        z = lift(x, s1, p1, p2, s2, lattice, z_dtype=z_dtype)
-    else:
-        z = lift_ref(x, s1, p1, p2, s2, lattice).to(z_dtype)
-    if decode:
-        return bitgemv(z, words, scale, out_dtype=x.dtype)
-    return bitgemm(z, words, scale, out_dtype=x.dtype)
+    z, z_scale = lift(x, s1, p1, p2, s2, lattice, k_padded=words.shape[1] * WORD_BITS)
+    if x.shape[0] <= DECODE_MAX_ROWS:
+        return bitgemv(z, z_scale, words, scale, out_dtype=x.dtype)
+    return bitgemm(z, z_scale, words, scale, out_dtype=x.dtype)
 
 
 def liftq_linear(
@@ -121,8 +120,9 @@ def liftq_linear(
 ) -> torch.Tensor:
     """One LiftQuant linear: x [B, n] -> y [B, N] in x.dtype (no bias).
 
-    words: int32 [N, ceil(ceil(n/d) * D / 32)] sign bits; scale: [N]; s1, s2: [n];
-    p1: [a, a], p2: [b, b] with a * b = n; lattice M: [d, D].
+    words: int32 [N, W] format-2 codes (`reference.pack_interleaved`, W = padded_words(K),
+    K = ceil(n/d) * D); scale: [N]; s1, s2: [n]; p1: [a, a], p2: [b, b] with a * b = n;
+    lattice M: [d, D].
     """
     if x.dim() != 2 or x.shape[1] != s1.shape[0]:
         raise ValueError(f"liftq_linear: x must be [B, {s1.shape[0]}], got {tuple(x.shape)}")

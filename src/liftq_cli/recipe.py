@@ -43,7 +43,14 @@ from liftq_cli.errors import BadInputError, LiftqError
 from liftq_cli.io.atomic import write_text_atomic
 from liftq_cli.lattice_config import LatticeConfig, LatticeConfigError
 from liftq_cli.plan.architectures import LINEAR_KINDS, Architecture, linears, resolve_architecture
-from liftq_cli.plan.memory import DEFAULT_CTX, KV_BITS, PRECISIONS
+from liftq_cli.plan.memory import (
+    DEFAULT_CTX,
+    DEFAULT_EMBED,
+    DEFAULT_LM_HEAD,
+    KV_BITS,
+    LM_HEAD_CHOICES,
+    PRECISIONS,
+)
 from liftq_cli.plan.solver import Plan
 from liftq_cli.quantize_job import QuantizeJob, QuantizeSettings, settings_from_dict
 
@@ -72,8 +79,8 @@ class Recipe:
     model: str
     config: LatticeConfig
     layers: dict[int, dict[str, LatticeConfig]] = field(default_factory=dict)
-    embed: str = "host"
-    lm_head: str = "int8"
+    embed: str = DEFAULT_EMBED  # what `liftq pack` writes unless --embed / --lm-head say else
+    lm_head: str = DEFAULT_LM_HEAD
     ctx: int = DEFAULT_CTX
     batch: int = 1
     kv_bits: int = 16
@@ -164,11 +171,13 @@ def from_dict(data: Any, source: str = "recipe") -> Recipe:
             kind: _config(value, f"{source}: layers.{layer}.{kind}")
             for kind, value in kinds.items()
         }
-    embed, lm_head = data.get("embed", "host"), data.get("lm_head", "int8")
+    embed, lm_head = data.get("embed", DEFAULT_EMBED), data.get("lm_head", DEFAULT_LM_HEAD)
     if embed not in PRECISIONS:
         raise BadInputError(f"{source}: embed {embed!r} is unknown: use {', '.join(PRECISIONS)}")
-    if lm_head not in PRECISIONS or lm_head == "host":
-        raise BadInputError(f"{source}: lm_head {lm_head!r} is unknown: use fp16, int8 or int4")
+    if lm_head not in LM_HEAD_CHOICES:
+        raise BadInputError(
+            f"{source}: lm_head {lm_head!r} is unknown: use {', '.join(LM_HEAD_CHOICES)}"
+        )
     kv_bits = data.get("kv_bits", 16)
     if kv_bits not in KV_BITS or isinstance(kv_bits, bool):
         raise BadInputError(f"{source}: kv_bits {kv_bits!r} is unknown: use 16, 8 or 4")

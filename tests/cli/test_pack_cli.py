@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from tests.helpers import assert_one_line_error
@@ -22,7 +23,8 @@ def quant(tmp_path_factory):
 
 def test_pack_json_then_eval_the_packed_folder(cli, quant, tmp_path):
     out = tmp_path / "packed"
-    result = cli("pack", str(quant), "--out", str(out), "--json")
+    fp16 = ("--embed", "fp16", "--lm-head", "fp16")  # the same logits as the unpacked model
+    result = cli("pack", str(quant), "--out", str(out), *fp16, "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert set(payload["bytes"]) == {
@@ -30,9 +32,12 @@ def test_pack_json_then_eval_the_packed_folder(cli, quant, tmp_path):
         "scales",
         "whitening",
         "lattice_matrices",
+        "embed",
+        "lm_head",
         "unquantized",
         "header",
     }
+    assert payload["bytes"]["embed"] == payload["formula_bytes"]["embed"] == 2 * 64 * 48
     assert payload["quantized_bytes"] == payload["formula_quantized_bytes"]
     assert payload["files"]["model.safetensors"] == sum(payload["bytes"].values())
     assert payload["linears"] == 14 and payload["configs"] == {"LQ-8/5": 8, "LQ-9/4": 6}
@@ -51,6 +56,26 @@ def test_pack_table_output(cli, quant, tmp_path):
     result = cli("pack", str(quant), "--out", str(tmp_path / "p"))
     assert result.exit_code == 0
     assert "bits per weight" in result.stdout and "lattice_matrices" in result.stdout
+    assert "embeddings host, lm_head int8 (from the plan's defaults)" in result.stdout
+
+
+def test_pack_defaults_are_the_plans_or_the_quantize_recipes(cli, quant, tmp_path):
+    """No flags: the recipe the quantize run recorded decides (it came from `liftq plan`);
+    without one, the plan's defaults (host, int8). A flag overrides either."""
+    result = cli("pack", str(quant), "--out", str(tmp_path / "a"), "--json")
+    payload = json.loads(result.stdout)
+    assert (payload["embeddings"]["embed"], payload["embeddings"]["lm_head"]) == ("host", "int8")
+    assert payload["embeddings_from"] == "the plan's defaults"
+    planned = tmp_path / "planned"
+    shutil.copytree(quant, planned)
+    recipe = "format_version: 2\nmodel: tiny\nconfig: LQ-24/10\nctx: 64\n"
+    (planned / "recipe.yaml").write_text(recipe + "embed: int4\nlm_head: fp16\n")
+    payload = json.loads(cli("pack", str(planned), "--out", str(tmp_path / "b"), "--json").stdout)
+    assert (payload["embeddings"]["embed"], payload["embeddings"]["lm_head"]) == ("int4", "fp16")
+    assert "recipe.yaml" in payload["embeddings_from"]
+    args = ("--out", str(tmp_path / "c"), "--lm-head", "INT8", "--json")
+    payload = json.loads(cli("pack", str(planned), *args).stdout)
+    assert (payload["embeddings"]["embed"], payload["embeddings"]["lm_head"]) == ("int4", "int8")
 
 
 def test_pack_bad_input_is_one_line(cli, quant, tmp_path):
@@ -62,6 +87,16 @@ def test_pack_bad_input_is_one_line(cli, quant, tmp_path):
     result = cli("pack", str(quant), "--out", str(tmp_path / "o"), "--dtype", "int4", "--json")
     assert_one_line_error(result, "--dtype 'int4'")
     assert json.loads(result.stdout)["exit_code"] == 2
+    result = cli("pack", str(quant), "--out", str(tmp_path / "o"), "--embed", "fp8", "--json")
+    assert_one_line_error(result, "--embed 'fp8' is unknown", "fp16, int8, int4, host")
+    assert json.loads(result.stdout)["exit_code"] == 2
+    result = cli("pack", str(quant), "--out", str(tmp_path / "o"), "--lm-head", "host")
+    assert_one_line_error(result, "--lm-head 'host' is unknown", "fp16, int8, int4")
+    broken = tmp_path / "broken"
+    shutil.copytree(quant, broken)
+    (broken / "recipe.yaml").write_text("format_version: 2\nmodel: t\nconfig: LQ-24/10\nembed: x\n")
+    result = cli("pack", str(broken), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, "embed 'x' is unknown")
     assert not (tmp_path / "o").exists()
 
 

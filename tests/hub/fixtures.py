@@ -78,6 +78,11 @@ def make_packed_folder(folder: Path, layers: dict[str, str] | None = None) -> Pa
             name: "liftq_lattice.D{}_d{}".format(*name[3:].split("/"))
             for name in set(layers.values())
         },
+        # what `liftq pack` records with the plan's defaults (io/embedding_format.py)
+        "embed": "host",
+        "lm_head": "int8",
+        "tied": False,
+        "int4_group": 128,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     meta = quantize_meta(layers)

@@ -77,6 +77,22 @@ def test_vram_rows_follow_the_recipe_settings(tmp_path):
     assert all(a[1] < b[1] for a, b in zip(kv8, quant.vram, strict=True))
 
 
+def test_vram_rows_price_what_the_packed_folder_stores(tmp_path):
+    """The packed config's embed / lm_head win over the recipe's (`liftq pack --embed fp16`
+    after a default plan); a file from before pack recorded them is fp16 / fp16."""
+    folder = make_packed_folder(tmp_path / "p")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(embed="fp16", lm_head="int4")
+    (folder / "config.json").write_text(json.dumps(config))
+    settings = quantization(read_folder(folder)).settings
+    assert (settings.embed, settings.lm_head, settings.ctx) == ("fp16", "int4", 2048)
+    for key in ("embed", "lm_head", "tied", "int4_group"):
+        del config["quantization_config"][key]
+    (folder / "config.json").write_text(json.dumps(config))
+    settings = quantization(read_folder(folder)).settings
+    assert (settings.embed, settings.lm_head) == ("fp16", "fp16")
+
+
 def test_a_quantize_output_is_described_as_unpacked(tmp_path):
     info = read_folder(make_quantized_folder(tmp_path / "q"))
     card = render_card(info, BASE)

@@ -30,7 +30,9 @@ REAL_QUANT = Path(os.environ.get("LIFTQ_SMOLLM2_QUANT", "/work/out/smollm2-LQ-24
 def packed(tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "tiny"
     quant = quant_dir(root)
-    report = pack_quantized(quant, root / "packed")
+    # fp16 embedding and lm_head: these tests are about the linears (the other choices:
+    # tests/io/test_packed_embeddings.py)
+    report = pack_quantized(quant, root / "packed", embed="fp16", lm_head="fp16")
     return quant, root / "packed", report
 
 
@@ -142,7 +144,7 @@ def test_reader_refuses_another_format_version(packed, tmp_path):
     config = json.loads((out / "config.json").read_text())
     config["quantization_config"]["format_version"] = FORMAT_VERSION + 1
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(BadInputError, match="format version 2 is not supported"):
+    with pytest.raises(BadInputError, match=f"version {FORMAT_VERSION + 1} is not supported"):
         read_packed_config(tmp_path)
 
 
@@ -152,7 +154,7 @@ def test_smollm2_packed_bytes_match_the_plan(tmp_path):
     """The plan's bytes for smollm2-135m equal the packed file's within 0.5% (same formula)."""
     from liftq_cli.plan.architectures import resolve_architecture
 
-    report = pack_quantized(REAL_QUANT, tmp_path / "packed")
+    report = pack_quantized(REAL_QUANT, tmp_path / "packed", embed="fp16", lm_head="fp16")
     layers = read_packed_config(tmp_path / "packed")
     arch = resolve_architecture("smollm2-135m")
     breakdown = model_breakdown(

@@ -1,4 +1,5 @@
-"""Packed format v1 layout: byte formulas, tensor table, `quantization_config` and bits report."""
+"""Packed format layout (v2, and v1 as still read): byte formulas, tensor table,
+`quantization_config` and bits report."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def test_formula_factor_pair_is_the_quantizer_pair():
     for n in (1, 23, 30, 48, 576, 1536, 4096, 11008):
         assert whitening_factors(n) == kron_factors(n)
     attn = LatticeConfig(8, 5)
-    assert packed_linear_bytes(576, 1536, attn)["codes"] == 576 * -(-(-(-1536 // 5) * 8) // 32) * 4
+    words = -(-(-(-1536 // 5) * 8) // 32)  # 77 words: short rows are not padded
+    assert packed_linear_bytes(576, 1536, attn)["codes"] == 576 * words * 4
 
 
 def test_whitening_factors_refuse_an_empty_linear():
@@ -52,33 +54,40 @@ def test_whitening_factors_refuse_an_empty_linear():
 
 
 @pytest.mark.parametrize(
-    ("in_features", "cfg", "bits", "words"),
+    ("in_features", "cfg", "bits", "words", "padded"),
     [
-        (32, LQ8_4, 64, 2),  # 8 slices x 8 bits: exactly two words
-        (33, LQ8_4, 72, 3),  # one more column opens a 9th slice and a 3rd word
-        (8, LatticeConfig(32, 8), 32, 1),  # one slice fills one word
-        (4096, LQ24_10, 9840, 308),  # 410 slices x 24 bits = 307.5 words
+        (32, LQ8_4, 64, 2, 2),  # 8 slices x 8 bits: exactly two words
+        (33, LQ8_4, 72, 3, 3),  # one more column opens a 9th slice and a 3rd word
+        (8, LatticeConfig(32, 8), 32, 1, 1),  # one slice fills one word
+        (4096, LQ24_10, 9840, 308, 308),  # 410 slices x 24 bits = 307.5 words
+        (8192, LQ24_10, 19680, 615, 616),  # the issue's 615-word rows, now 16-byte aligned
+        (2560, LQ24_10, 6144, 192, 192),  # under 256 words: no padding (it would cost > 1.2%)
+        (10240, LQ24_10, 24576, 768, 768),
+        (10250, LQ24_10, 24600, 769, 772),
     ],
 )
-def test_code_bits_and_words_round_up_to_whole_slices_and_words(in_features, cfg, bits, words):
+def test_code_bits_and_words_round_up(in_features, cfg, bits, words, padded):
     assert code_bits(in_features, cfg) == bits
-    assert words_per_row(in_features, cfg) == words
+    assert words_per_row(in_features, cfg, version=1) == words
+    assert words_per_row(in_features, cfg) == padded
 
 
 def test_packed_linear_bytes_by_hand():
     # 4096 inputs at LQ-24/10: 410 slices x 24 bits = 9840 bits -> 308 words -> 1232 B per row.
+    # 4096 = 64 x 64: both factors are powers of two, stored as 64 int8 signs each.
     assert packed_linear_bytes(4096, 4096, LQ24_10) == {
         "codes": 4096 * 1232,
         "scales": 2 * 4096,
-        "whitening": 2 * (2 * 4096 + 64 * 64 + 64 * 64),
+        "whitening": 2 * 2 * 4096 + 64 + 64,
     }
-    # SmolLM2 down_proj (576 x 1536) at LQ-20/8: 192 slices x 20 bits = 3840 bits = 120 words.
+    # SmolLM2 down_proj (576 x 1536) at LQ-20/8: 192 slices x 20 bits = 3840 bits = 120 words;
+    # 1536 = 32 x 48: P1 as 32 signs, P2 dense fp16.
     assert packed_linear_bytes(576, 1536, LatticeConfig(20, 8)) == {
         "codes": 576 * 480,
         "scales": 1152,
-        "whitening": 2 * (3072 + 32 * 32 + 48 * 48),
+        "whitening": 2 * 3072 + 32 + 2 * 48 * 48,
     }
-    assert lattice_matrix_bytes(LQ24_10) == 4 * 10 * 24  # float32 M (packed format v1)
+    assert lattice_matrix_bytes(LQ24_10) == 4 * 10 * 24  # float32 M
 
 
 def test_codes_cost_the_nominal_bits():
@@ -90,6 +99,14 @@ def test_codes_cost_the_nominal_bits():
 def test_linear_tensors_names_order_shapes_and_dtypes():
     # 30 inputs at LQ-8/4: 8 slices x 8 bits = 64 bits = 2 words; 30 = 5 x 6.
     specs = linear_tensors(12, 30, LQ8_4)
+    assert specs["qweight"] == TensorSpec((12, 2), "int32")
+    assert [s.nbytes for s in specs.values()] == [96, 24, 60, 50, 72, 60]
+    hadamard = linear_tensors(3, 32, LQ8_4)  # 32 = 4 x 8: both factors as signs
+    assert list(hadamard) == ["qweight", "qscale", "s1", "p1_signs", "p2_signs", "s2"]
+    assert hadamard["p1_signs"] == TensorSpec((4,), "int8")
+    assert hadamard["p2_signs"] == TensorSpec((8,), "int8")
+    assert set(hadamard) <= set(LINEAR_PARTS)
+    specs = linear_tensors(12, 30, LQ8_4, version=1)
     assert specs == {
         "qweight": TensorSpec((12, 2), "int32"),
         "qscale": TensorSpec((12,), "float16"),
@@ -100,7 +117,7 @@ def test_linear_tensors_names_order_shapes_and_dtypes():
     }
     assert list(specs) == ["qweight", "qscale", "s1", "p1", "p2", "s2"]  # file order
     assert [s.nbytes for s in specs.values()] == [96, 24, 60, 50, 72, 60]
-    assert set(specs) == set(LINEAR_PARTS)  # every tensor is priced in exactly one part
+    assert set(specs) | set(hadamard) == set(LINEAR_PARTS)  # each tensor priced in one part
     assert {s.dtype for s in specs.values()} <= set(DTYPE_BYTES)
 
 
@@ -148,7 +165,7 @@ def _valid() -> dict:
     [
         ({"quant_method": None}, "quant_method is None, expected 'liftquant'"),
         ({"quant_method": "gptq"}, "quant_method is 'gptq', expected 'liftquant'"),
-        ({"format_version": 2}, "packed format version 2 is not supported.*re-pack"),
+        ({"format_version": 3}, "packed format version 3 is not supported.*re-pack"),
         ({"format_version": "1"}, "packed format version '1' is not supported"),
         ({"format_version": None}, "packed format version None is not supported"),
         ({"layers": None}, "quantization_config.layers is missing: re-pack the model"),
@@ -174,11 +191,11 @@ def test_bits_report_by_hand():
         {
             "padding": (2 * 32 - 12 * 2) / 12,  # 64 stored code bits for 24 nominal ones
             "scales": 8 * 2 * 2 / 12,
-            "whitening": 8 * 2 * (2 * 6 + 2 * 2 + 3 * 3) / 12,  # 6 = 2 x 3
+            "whitening": 8 * (2 * 2 * 6 + 2 + 2 * 3 * 3) / 12,  # 6 = 2 x 3: P1 as 2 signs
             "lattice_matrices": 8 * 4 * 4 * 8 / 12,
         }
     )
-    stored = 8 + 4 + 50 + 128  # codes, scales, whitening, M (bytes)
+    stored = 8 + 4 + 44 + 128  # codes, scales, whitening, M (bytes)
     assert report.effective_bits == pytest.approx(8 * stored / 12)
 
 

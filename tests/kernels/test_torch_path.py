@@ -7,7 +7,7 @@ import torch
 
 from liftq_kernels.autotune import LUT_MAX_ROWS
 from liftq_kernels.ops import liftq_linear, lut_bitmm, pick_backend
-from liftq_kernels.reference import bitmm_ref, liftq_linear_ref, pack_bits
+from liftq_kernels.reference import bitmm_ref, liftq_linear_ref, pack_bits, pack_interleaved
 
 
 @pytest.mark.parametrize(("rows", "out_features", "k"), [(1, 37, 108), (3, 5, 33), (2, 9, 256)])
@@ -28,7 +28,7 @@ def test_torch_linear_matches_the_reference_on_both_sides_of_the_switch(rows, mo
     p1, _ = torch.linalg.qr(torch.randn(5, 5, generator=g))
     p2, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
     params = (
-        pack_bits(torch.rand(out, 72, generator=g) > 0.5),
+        pack_interleaved(torch.rand(out, 72, generator=g) > 0.5),
         torch.rand(out, generator=g).half(),
         (torch.rand(n, generator=g) + 0.5).half(),
         p1.half(),

@@ -41,6 +41,19 @@ def test_mixed_recipe_round_trips_every_linear(arch):
     assert dumps(recipe) == dumps(from_plan(plan, "m"))
 
 
+def test_embedding_choices_round_trip_into_the_plan_and_pack(arch):
+    """The recipe carries --embed / --lm-head from the plan to `liftq pack` (which reads the
+    quantize output's recipe.yaml): any choice loads, round-trips and plans the same bytes."""
+    for embed, lm_head in (("int4", "fp16"), ("fp16", "int8"), ("host", "int4")):
+        settings = MemorySettings(embed=embed, lm_head=lm_head)
+        plan = plan_uniform(arch, 6_000_000_000, settings)
+        text = dumps(from_plan(plan, "m"))
+        recipe = loads(text)
+        assert (recipe.embed, recipe.lm_head) == (embed, lm_head) and dumps(recipe) == text
+        again = MemorySettings(embed=recipe.embed, lm_head=recipe.lm_head)
+        assert plan_uniform(arch, 6_000_000_000, again).breakdown == plan.breakdown
+
+
 def test_defaults_fill_optional_fields():
     recipe = loads("format_version: 1\nmodel: x\nconfig: 24/10\nctx: 2048\n")
     assert recipe == Recipe(model="x", config=LatticeConfig(24, 10), ctx=2048)
@@ -56,6 +69,7 @@ def test_defaults_fill_optional_fields():
         ("format_version: 1\nmodel: x\nconfig: q4\nctx: 1\n", "not of the form LQ-D/d"),
         ("format_version: 1\nmodel: x\nconfig: LQ-24/10\nctx: 0\n", "'ctx' = 0"),
         ("format_version: 1\nmodel: x\nconfig: LQ-24/10\nctx: 1\nembed: fp8\n", "embed 'fp8'"),
+        ("format_version: 1\nmodel: x\nconfig: LQ-24/10\nctx: 1\nlm_head: host\n", "'host'"),
         (
             "format_version: 1\nmodel: x\nconfig: LQ-24/10\nctx: 1\nlayers: {0: {qkv: LQ-24/10}}\n",
             "layers.0.qkv",

@@ -29,7 +29,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.getbasetemp() / "tiny"
     quant = quant_dir(root)
     if not (root / "packed").is_dir():
-        pack_quantized(quant, root / "packed")
+        pack_quantized(quant, root / "packed", embed="fp16", lm_head="fp16")
     return quant, root / "packed"
 
 

@@ -80,6 +80,29 @@ def make_fp_model(folder: Path) -> None:
     save_tokenizer(folder)
 
 
+def tied_quant_dir(root: Path) -> Path:
+    """The quantized folder of `quant_dir(root)` turned into a tied-embedding model (built once):
+    `tie_word_embeddings: true` and no `lm_head.weight`, as transformers saves a tied model.
+    Its codes were fitted with the untied head, which nothing here depends on."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from liftq_cli.io.quantized import UNQUANTIZED_FILE
+
+    tied = root / "quant-tied"
+    if tied.is_dir():
+        return tied
+    shutil.copytree(quant_dir(root), tied)
+    config = json.loads((tied / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = load_file(tied / UNQUANTIZED_FILE)
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(tied / UNQUANTIZED_FILE), {"format": "pt"})
+    return tied
+
+
 def quant_dir(root: Path) -> Path:
     """Build (once per root) and return the quantized folder under `root`."""
     if root in _BUILT:

@@ -1,4 +1,5 @@
-"""`liftq eval MODEL --ppl wikitext2[,wiki,FILE]`: perplexity with the protocol stated."""
+"""`liftq eval MODEL --ppl wikitext2[,wiki,FILE] [--speed]`: perplexity with the protocol
+stated; `--speed` adds prefill/decode tokens/s and peak memory (beside `--kld-ref`'s model)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import typer
 from rich.table import Table
 
 from liftq_cli.cli._common import console, emit_json, handle_errors, interactive, progress_bar
-from liftq_cli.evaluate.report import evaluate, parse_datasets
+from liftq_cli.errors import BadInputError
+from liftq_cli.evaluate.report import evaluate, parse_datasets, speed
 from liftq_cli.io.atomic import write_text_atomic
 from liftq_cli.io.outputs import check_output
 
@@ -17,8 +19,11 @@ from liftq_cli.io.outputs import check_output
 @handle_errors
 def eval_command(
     model: str = typer.Argument(..., help="Alias (smollm2-135m), HF folder, .gguf file or hub id."),
-    ppl: str = typer.Option(
-        "wikitext2", "--ppl", help="Comma-separated texts: wikitext2, wiki or a text file."
+    ppl: str | None = typer.Option(
+        None,
+        "--ppl",
+        help="Comma-separated texts: wikitext2, wiki or a text file (default: wikitext2, "
+        "none with --speed alone).",
     ),
     ctx: int = typer.Option(1024, "--ctx", help="Window length in tokens (stride = ctx)."),
     max_tokens: int | None = typer.Option(
@@ -40,10 +45,25 @@ def eval_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a previous output of this command at that path."
     ),
+    speed_flag: bool = typer.Option(
+        False, "--speed", help="Also measure prefill and decode tokens/s and peak memory."
+    ),
+    device: str = typer.Option("auto", "--device", help="--speed device: auto, cpu, cuda[:N]."),
+    prompt: int = typer.Option(128, "--prompt", help="--speed prompt tokens per sequence."),
+    new: int = typer.Option(32, "--new-tokens", help="--speed generated tokens (at least 2)."),
+    speed_batch: int = typer.Option(1, "--speed-batch", help="--speed sequences at once."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object, no table."),
 ) -> None:
-    """Measure perplexity over non-overlapping windows."""
-    datasets = parse_datasets(ppl)
+    """Measure perplexity over non-overlapping windows (and, with --speed, tokens/s)."""
+    if new < 2 or prompt < 1 or speed_batch < 1:
+        raise BadInputError(
+            f"--prompt {prompt}, --new-tokens {new}, --speed-batch {speed_batch}: need a prompt "
+            f"of at least 1 token, at least 2 new tokens and a batch of at least 1"
+        )
+    if ppl is None and speed_flag:
+        _speed_only(model, kld_ref, device, prompt, new, speed_batch, as_json)
+        return
+    datasets = parse_datasets(ppl or "wikitext2")
     if save is not None:  # checked before the (long) evaluation
         inputs = [Path(spec).expanduser() for spec in (model, kld_ref, *datasets) if spec]
         inputs = [p for p in inputs if p.exists()]
@@ -60,10 +80,12 @@ def eval_command(
             progress=lambda name: lambda done, total: update(f"ppl {name}", done, total),
             kld_ref=kld_ref,
         )
+    timing = speed(model, kld_ref, device, prompt, new, speed_batch) if speed_flag else None
+    payload = report.as_json() | ({"speed": timing.as_dict()} if timing else {})
     if save is not None:
-        write_text_atomic(save, json.dumps(report.as_json(), indent=2, default=str) + "\n")
+        write_text_atomic(save, json.dumps(payload, indent=2, default=str) + "\n")
     if as_json:
-        emit_json(report.as_json())
+        emit_json(payload)
         return
     table = Table(title=f"Perplexity of {model}")
     columns = ["text", "ppl", "tokens", "windows", "scored"]
@@ -88,6 +110,40 @@ def eval_command(
     if kld_ref is not None:
         console.print(
             f"KL(ref || model) and top-1 agreement against {kld_ref} at the same scored tokens",
+            highlight=False,
+        )
+    if timing is not None:
+        _print_speed(model, kld_ref, timing)
+
+
+def _speed_only(model, kld_ref, device, prompt, new, batch, as_json) -> None:
+    timing = speed(model, kld_ref, device, prompt, new, batch)
+    if as_json:
+        emit_json({"model": model, "speed": timing.as_dict()})
+        return
+    _print_speed(model, kld_ref, timing)
+
+
+def _print_speed(model: str, kld_ref: str | None, timing) -> None:
+    first = timing.model
+    table = Table(
+        title=f"Speed on {first.device} ({first.dtype}, batch {first.batch}, prompt "
+        f"{first.prompt_tokens}, {first.new_tokens} new tokens)"
+    )
+    for column in ("model", "prefill tok/s", "decode tok/s", "peak memory"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    rows = [(model, first)] + ([(kld_ref, timing.reference)] if timing.reference else [])
+    for name, result in rows:
+        peak = f"{result.peak_bytes / 2**20:,.0f} MiB ({result.peak_kind})"
+        table.add_row(
+            str(name), f"{result.prefill_tok_s:,.1f}", f"{result.decode_tok_s:,.2f}", peak
+        )
+    console.print(table)
+    if timing.planned_bytes is not None:
+        ratio = first.peak_bytes / timing.planned_bytes
+        console.print(
+            f"liftq plan predicts {timing.planned_bytes / 2**20:,.0f} MiB for this ctx and batch "
+            f"(without the CUDA context); measured {ratio:.2f} x of it",
             highlight=False,
         )
 

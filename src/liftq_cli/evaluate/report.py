@@ -163,3 +163,28 @@ def _load_reference(spec: str, loaded: LoadedModel) -> torch.nn.Module:
             f"{vocabulary(loaded.model)}: pass the full-precision model it was quantised from"
         )
     return ref.model
+
+
+def speed(
+    model_spec: str,
+    ref_spec: str | None,
+    device_spec: str,
+    prompt: int,
+    new: int,
+    batch: int,
+):
+    """`liftq eval --speed`: tokens/s and peak memory of the model (and the reference) on the
+    device; on CUDA with `liftq plan`'s prediction for the same ctx (prompt + new) and batch
+    when the model is a packed folder (`evaluate.speed`)."""
+    from liftq_cli.evaluate.speed import planned_gpu_bytes, run_speed
+    from liftq_cli.quant.device import resolve_device
+
+    device = resolve_device(device_spec)
+    loaded = _load(model_spec)
+    reference = _load_reference(ref_spec, loaded) if ref_spec is not None else None
+    timing = run_speed(
+        loaded.model, reference, device, vocabulary(loaded.model), prompt, new, batch
+    )
+    if device.type == "cuda":
+        timing.planned_bytes = planned_gpu_bytes(loaded.folder, prompt + new, batch)
+    return timing

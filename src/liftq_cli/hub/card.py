@@ -91,9 +91,14 @@ def main_config(info: FolderInfo, per_linear: dict[tuple[int, str], LatticeConfi
 
 def _architecture(info: FolderInfo) -> Architecture | None:
     try:
-        return from_hf_config(info.config, info.folder.name, "config.json")
+        arch = from_hf_config(info.config, info.folder.name, "config.json")
     except (BadInputError, KeyError, TypeError, ValueError):
         return None
+    stored = info.quantization_config or {}
+    if "embed" in stored:
+        # A packed config unties quantized pairs for transformers; `tied` says stored once.
+        arch = replace(arch, tie_embeddings=stored.get("tied") is True)
+    return arch
 
 
 def public_name(spec: str) -> str:
@@ -127,18 +132,29 @@ def public_recipe(text: str, base_id: str | None) -> str:
 
 
 def _recipe_settings(info: FolderInfo) -> MemorySettings:
+    """The plan's settings from the recipe; a packed folder's embed / lm_head are what
+    `liftq pack` stored (fp16 / fp16 in a file from before it recorded them)."""
+    settings = MemorySettings()
     text = info.recipe_text
     if text is not None:
         from liftq_cli.recipe import loads
 
         try:
             r = loads(text)
-            return MemorySettings(
+            settings = MemorySettings(
                 ctx=r.ctx, batch=r.batch, kv_bits=r.kv_bits, embed=r.embed, lm_head=r.lm_head
             )
         except BadInputError:
             pass
-    return MemorySettings()
+    stored = info.quantization_config or {}
+    if stored.get("quant_method") != "liftquant":
+        return settings
+    try:
+        return replace(
+            settings, embed=stored.get("embed", "fp16"), lm_head=stored.get("lm_head", "fp16")
+        )
+    except BadInputError:
+        return settings
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 `pack_quantized` turns the folder `liftq quantize` writes (io/quantized.py: bit-packed codes,
 float32 scales and whitening factors, the unquantized tensors) into a Hugging Face folder
 whose `model.safetensors` holds, for every quantized linear, the bit-packed sign codes, fp16
-row scales and fp16 whitening factors, each used lattice matrix once (float32), and every
-other tensor (embeddings, norms, biases) at `dtype`.
+row scales and fp16 whitening factors, each used lattice matrix once (float32), the token
+embedding and lm_head at `embed` / `lm_head` (io/packed_embeddings.py), and every other
+tensor (norms, biases) at `dtype`.
 `config.json` gains the `quantization_config` that makes `from_pretrained` build
 `LiftQuantLinear` layers. The output is written atomically.
 """
@@ -24,7 +25,15 @@ from safetensors import safe_open
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.atomic import atomic_dir
 from liftq_cli.io.codes import pack_codes
+from liftq_cli.io.embedding_format import DEFAULT_EMBED, DEFAULT_LM_HEAD, EmbeddingLayout
 from liftq_cli.io.outputs import check_output
+from liftq_cli.io.packed_embeddings import (
+    EMBED_SOURCE,
+    LM_HEAD_SOURCE,
+    EmbeddingPack,
+    embedding_pack,
+    matrix_part,
+)
 from liftq_cli.io.packed_format import (
     FORMAT_VERSION,
     LATTICE_MODULE,
@@ -46,7 +55,7 @@ from liftq_cli.io.safetensors_stream import DTYPES_BY_NAME, TensorSpec, write_st
 from liftq_cli.io.workdir import LINEAR_STATE
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.version import __version__
-from liftq_kernels.reference import unpack_bits
+from liftq_kernels.reference import hadamard_signs, interleave_words, plain_words, unpack_bits
 
 META_FILE = "liftq.json"
 COPIED = (
@@ -59,8 +68,14 @@ COPIED = (
 )
 OTHER_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 SOURCE_TENSORS = LINEAR_STATE  # per linear in the quantize output (bool codes in memory)
-TORCH_DTYPES = {"int32": torch.int32, "float16": torch.float16, "float32": torch.float32}
-PARTS = ("codes", "scales", "whitening", "lattice_matrices", "unquantized", "header")
+TORCH_DTYPES = {
+    "int32": torch.int32,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "int8": torch.int8,
+}
+PARTS = ("codes", "scales", "whitening", "lattice_matrices")  # the linears' closed formula
+PARTS += ("embed", "lm_head", "unquantized", "header")  # report order; sums to the file
 
 
 @dataclass
@@ -73,6 +88,8 @@ class PackReport:
     files: dict[str, int]  # file name -> bytes
     bits: BitsReport
     configs: dict[str, int] = field(default_factory=dict)  # config name -> linears
+    embeddings: EmbeddingLayout | None = None  # None: copied as they were (see embedding_pack)
+    embedding_formula: dict[str, int] = field(default_factory=dict)  # embed, lm_head
 
     def as_json(self) -> dict[str, Any]:
         quantized = sum(self.parts[k] for k in self.formula)
@@ -80,9 +97,10 @@ class PackReport:
             "out": str(self.out),
             "format_version": FORMAT_VERSION,
             "bytes": dict(self.parts),
-            "formula_bytes": dict(self.formula),
+            "formula_bytes": {**self.formula, **self.embedding_formula},
             "quantized_bytes": quantized,
             "formula_quantized_bytes": sum(self.formula.values()),
+            "embeddings": self.embeddings.as_config() if self.embeddings else None,
             "files": dict(self.files),
             "total_bytes": sum(self.files.values()),
             "linears": sum(self.configs.values()),
@@ -127,7 +145,8 @@ def pack_linear(
 
     state[prefix + "codes"]: bool [out, ceil(in/d), D]; "scale": float32 [out]; "s1", "s2":
     [in]; "p1": [a, a]; "p2": [b, b]. Returns {name within the module: tensor} matching
-    `linear_tensors` exactly (int32 words, fp16 everything else).
+    `linear_tensors` exactly (int32 words in the interleaved format-2 order, int8 signs of
+    the Hadamard factors, fp16 everything else).
     """
     missing = [n for n in SOURCE_TENSORS if f"{prefix}{n}" not in state]
     if missing:
@@ -142,10 +161,20 @@ def pack_linear(
             f"{prefix}codes has shape {tuple(codes.shape)}, {cfg.name} with in_features "
             f"{in_features} needs ({out_features}, {k // cfg.D}, {cfg.D}): re-run quantize"
         )
-    words = pack_codes(codes.bool())
+    words = interleave_words(pack_codes(codes.bool()))
     packed = {"qweight": words, "qscale": _fp16(state[f"{prefix}scale"], f"{prefix}scale")}
     for name in ("s1", "p1", "p2", "s2"):
-        packed[name] = _fp16(state[f"{prefix}{name}"], f"{prefix}{name}")
+        if f"{name}_signs" in specs:
+            signs = hadamard_signs(state[f"{prefix}{name}"])
+            if signs is None:
+                raise BadInputError(
+                    f"{prefix}{name} is not a signed Hadamard matrix, which liftq's whitening "
+                    f"always makes for a power-of-two size: the quantized checkpoint is corrupt "
+                    f"or not from liftq; re-run `liftq quantize`"
+                )
+            packed[f"{name}_signs"] = signs
+        else:
+            packed[name] = _fp16(state[f"{prefix}{name}"], f"{prefix}{name}")
     for name, spec in specs.items():
         if tuple(packed[name].shape) != spec.shape:
             raise BadInputError(
@@ -172,14 +201,17 @@ def safetensors_parts(path: Path, quantized: set[str]) -> dict[str, int]:
         elif module in quantized and leaf in LINEAR_PARTS:
             part = LINEAR_PARTS[leaf]
         else:
-            part = "unquantized"
+            part = matrix_part(name) or "unquantized"
         parts[part] += end - start
     return parts
 
 
-def _layout(quantized: QuantizedFolder, dtype: str) -> list[TensorSpec]:
+def _layout(
+    quantized: QuantizedFolder, dtype: str, matrices: EmbeddingPack | None
+) -> list[TensorSpec]:
     """Every tensor of the packed file in order: linears (`linear_tensors`), lattice matrices,
-    then the unquantized tensors, floating-point ones at `dtype`."""
+    the embedding and lm_head (`matrices`), then the other unquantized tensors, floating-point
+    ones at `dtype`."""
     specs = []
     for key, cfg in quantized.layers.items():
         out_f, in_f = quantized.shapes[key]
@@ -189,6 +221,9 @@ def _layout(quantized: QuantizedFolder, dtype: str) -> list[TensorSpec]:
         spec = lattice_tensor(cfg)
         specs.append(TensorSpec(lattice_key(cfg), TORCH_DTYPES[spec.dtype], spec.shape))
     names = set(quantized.unquantized_names())
+    if matrices is not None:
+        specs.extend(matrices.specs())
+        names -= {EMBED_SOURCE, LM_HEAD_SOURCE}
     with safe_open(quantized.unquantized_file, framework="pt") as handle:
         for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
             if name in names:
@@ -199,7 +234,7 @@ def _layout(quantized: QuantizedFolder, dtype: str) -> list[TensorSpec]:
     return specs
 
 
-def _producer(quantized: QuantizedFolder):
+def _producer(quantized: QuantizedFolder, embeddings: EmbeddingPack | None):
     """`produce(spec)` for `write_streaming`: packs one linear at a time (kept until done)."""
     current: dict[str, dict[str, torch.Tensor]] = {}
     matrices = quantized.matrices()
@@ -221,6 +256,8 @@ def _producer(quantized: QuantizedFolder):
                     f"{spec.shape}: re-run `liftq quantize`"
                 )
             return matrix.to(spec.dtype).contiguous()
+        if embeddings is not None and matrix_part(spec.name) is not None:
+            return embeddings.produce(spec.name)
         with safe_open(quantized.unquantized_file, framework="pt") as handle:
             return handle.get_tensor(spec.name).to(spec.dtype).contiguous()
 
@@ -239,9 +276,17 @@ def _formula(shapes: dict[str, tuple[int, int, LatticeConfig]]) -> dict[str, int
 
 
 def pack_quantized(
-    quant_dir: Path, out: Path, dtype: str = "float16", overwrite: bool = False
+    quant_dir: Path,
+    out: Path,
+    dtype: str = "float16",
+    overwrite: bool = False,
+    embed: str = DEFAULT_EMBED,
+    lm_head: str = DEFAULT_LM_HEAD,
 ) -> PackReport:
     """Pack the `liftq quantize` output `quant_dir` into `out` (atomic); see the module doc.
+
+    embed: fp16, int8, int4 or host; lm_head: fp16, int8 or int4 (io/embedding_format.py);
+    the defaults are `liftq plan`'s.
 
     Streams: the header comes from the format table, then one linear is packed at a time, so
     memory holds one linear's codes and the largest other tensor, not the model.
@@ -251,13 +296,21 @@ def pack_quantized(
         raise BadInputError(f"--dtype '{dtype}' is unknown: use {', '.join(OTHER_DTYPES)}")
     if not quant_dir.is_dir():
         raise BadInputError(f"'{quant_dir}' is not a folder: pass `liftq quantize --out`'s folder")
+    EmbeddingLayout(embed, lm_head)  # a bad --embed / --lm-head fails before any reading
     check_output(out, "--out", "pack", [quant_dir], overwrite)
     config = _read_json(require(quant_dir, "config.json"))
     quantized = read_quantized(quant_dir)
     meta, layers = quantized.manifest, quantized.layers
     shapes = {key: (*quantized.shapes[key], cfg) for key, cfg in layers.items()}
-    specs = _layout(quantized, dtype)
-    config["quantization_config"] = quantization_config(layers)
+    names = set(quantized.unquantized_names())
+    matrices = embedding_pack(quantized.unquantized_file, names, embed, lm_head, dtype)
+    specs = _layout(quantized, dtype, matrices)
+    layout = matrices.layout if matrices is not None else None
+    config["quantization_config"] = quantization_config(
+        layers, layout.as_config() if layout is not None else None
+    )
+    if matrices is not None:
+        matrices.update_config(config)
     info = {
         "liftq_version": __version__,
         "format_version": FORMAT_VERSION,
@@ -271,7 +324,7 @@ def pack_quantized(
             if (quant_dir / filename).is_file():
                 shutil.copy2(quant_dir / filename, tmp / filename)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        write_streaming(tmp / WEIGHTS_FILE, specs, _producer(quantized), metadata)
+        write_streaming(tmp / WEIGHTS_FILE, specs, _producer(quantized, matrices), metadata)
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
     configs: dict[str, int] = {}
     for cfg in layers.values():
@@ -283,6 +336,8 @@ def pack_quantized(
         files={p.name: p.stat().st_size for p in sorted(out.iterdir())},
         bits=bits_report(shapes),
         configs=configs,
+        embeddings=layout,
+        embedding_formula=matrices.formula() if matrices is not None else {},
     )
 
 
@@ -294,13 +349,22 @@ def read_packed_config(packed_dir: Path) -> dict[str, LatticeConfig]:
     return parse_quantization_config(config["quantization_config"], f"'{packed_dir}'")
 
 
+def packed_format_version(packed_dir: Path) -> int:
+    """The format version of a packed folder (after `read_packed_config` validated it)."""
+    config = _read_json(require(Path(packed_dir), "config.json"))
+    return int(config["quantization_config"]["format_version"])
+
+
 def unpack_codes(packed_dir: Path) -> dict[str, torch.Tensor]:
-    """Every linear's sign codes back as bool [out, ceil(in/d), D] (True = +1)."""
+    """Every linear's sign codes back as bool [out, ceil(in/d), D] (True = +1), format 1 or 2."""
     layers = read_packed_config(packed_dir)
+    version = packed_format_version(packed_dir)
     codes: dict[str, torch.Tensor] = {}
     with safe_open(Path(packed_dir) / WEIGHTS_FILE, framework="pt") as handle:
         for key, cfg in layers.items():
             words = handle.get_tensor(f"{key}.qweight")
+            if version >= 2:
+                words = plain_words(words)
             in_features = handle.get_slice(f"{key}.s1").get_shape()[0]
             bits = unpack_bits(words, code_bits(in_features, cfg))
             codes[key] = bits.view(words.shape[0], -1, cfg.D)

@@ -1,4 +1,4 @@
-"""The packed LiftQuant format, version 1: tensor names, shapes, dtypes and their byte count.
+"""The packed LiftQuant format, version 2: tensor names, shapes, dtypes and their byte count.
 
 This module is the single source of the layout (docs/FORMAT.md describes it for readers):
 `liftq pack` writes exactly the tensors `linear_tensors` lists, the runtime allocates them
@@ -8,11 +8,21 @@ sum of their sizes. Pure Python: no torch, no disk.
 One quantized linear (out_features o, in_features i, lattice LQ-D/d), tensors under the
 linear's module prefix (e.g. `model.layers.0.self_attn.q_proj.`):
 
-    qweight  int32 [o, ceil(ceil(i/d) * D / 32)]  sign bits, 1 = +1 (see liftq_kernels.reference)
-    qscale   fp16  [o]                             row scales s
-    s1, s2   fp16  [i]                             whitening scales
-    p1, p2   fp16  [a, a], [b, b]                  orthogonal Kronecker factors, a * b = i
+    qweight  int32 [o, W]        W = ceil(ceil(i/d) * D / 32), rounded up to a multiple of 4
+                                 when >= 256 (16-byte rows; `liftq_kernels.reference
+                                 .padded_words`): sign bits, 1 = +1, in the interleaved code
+                                 layout of
+                                 `liftq_kernels.reference.pack_interleaved` (rows 16-byte aligned)
+    qscale   fp16  [o]           row scales s
+    s1, s2   fp16  [i]           whitening scales
+    p1, p2   fp16  [a, a], [b, b] orthogonal Kronecker factors, a * b = i; a factor whose
+                                 size is a power of two is a signed Hadamard matrix (liftq
+                                 never trains P) and is stored as its row signs instead:
+    p1_signs, p2_signs int8 [a], [b]  P = diag(signs) H / sqrt(size), H Sylvester's Hadamard
     bias     (only if the source linear has one; counted with the unquantized tensors)
+
+Format 1 (still read: `linear_tensors(..., version=1)`) had unpadded rows in the plain
+bitstream order of `pack_bits` and dense p1, p2 always.
 
 Each lattice matrix M (float32 [d, D]) used by the model is stored once as
 `liftq_lattice.D{D}_d{d}`: it costs a few hundred bytes, and its rounding error would be shared
@@ -29,20 +39,24 @@ from typing import Any
 
 from liftq_cli.errors import BadInputError
 from liftq_cli.lattice_config import LatticeConfig, LatticeConfigError
+from liftq_kernels.reference import padded_words
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 QUANT_METHOD = "liftquant"
 WEIGHTS_FILE = "model.safetensors"
 LATTICE_MODULE = "liftq_lattice"
 WORD_BITS = 32
 FP16 = 2
-DTYPE_BYTES = {"int32": 4, "float16": 2, "float32": 4}
+DTYPE_BYTES = {"int32": 4, "float16": 2, "float32": 4, "int8": 1}
 LINEAR_PARTS = {
     "qweight": "codes",
     "qscale": "scales",
     "s1": "whitening",
     "p1": "whitening",
     "p2": "whitening",
+    "p1_signs": "whitening",
+    "p2_signs": "whitening",
     "s2": "whitening",
 }
 """Tensor name within a linear -> the byte-report part it belongs to."""
@@ -67,9 +81,16 @@ def code_bits(in_features: int, cfg: LatticeConfig) -> int:
     return -(-in_features // cfg.d) * cfg.D
 
 
-def words_per_row(in_features: int, cfg: LatticeConfig) -> int:
-    """32-bit words of one row of `qweight`."""
-    return -(-code_bits(in_features, cfg) // WORD_BITS)
+def words_per_row(in_features: int, cfg: LatticeConfig, version: int = FORMAT_VERSION) -> int:
+    """32-bit words of one row of `qweight` (format 2: long rows padded to 16 bytes)."""
+    if version == 1:
+        return -(-code_bits(in_features, cfg) // WORD_BITS)
+    return padded_words(code_bits(in_features, cfg))
+
+
+def is_hadamard_size(size: int) -> bool:
+    """True when a Kronecker factor of this size is stored as signs (a power of two)."""
+    return size & (size - 1) == 0
 
 
 @dataclass(frozen=True)
@@ -84,19 +105,28 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
+def _factor(name: str, size: int, version: int) -> tuple[str, TensorSpec]:
+    if version >= 2 and is_hadamard_size(size):
+        return f"{name}_signs", TensorSpec((size,), "int8")
+    return name, TensorSpec((size, size), "float16")
+
+
 def linear_tensors(
-    out_features: int, in_features: int, cfg: LatticeConfig
+    out_features: int, in_features: int, cfg: LatticeConfig, version: int = FORMAT_VERSION
 ) -> dict[str, TensorSpec]:
     """The tensors of one packed linear (names within the module), in file order."""
     a, b = whitening_factors(in_features)
-    return {
-        "qweight": TensorSpec((out_features, words_per_row(in_features, cfg)), "int32"),
-        "qscale": TensorSpec((out_features,), "float16"),
-        "s1": TensorSpec((in_features,), "float16"),
-        "p1": TensorSpec((a, a), "float16"),
-        "p2": TensorSpec((b, b), "float16"),
-        "s2": TensorSpec((in_features,), "float16"),
-    }
+    words = words_per_row(in_features, cfg, version)
+    return dict(
+        [
+            ("qweight", TensorSpec((out_features, words), "int32")),
+            ("qscale", TensorSpec((out_features,), "float16")),
+            ("s1", TensorSpec((in_features,), "float16")),
+            _factor("p1", a, version),
+            _factor("p2", b, version),
+            ("s2", TensorSpec((in_features,), "float16")),
+        ]
+    )
 
 
 def lattice_key(cfg: LatticeConfig) -> str:
@@ -115,7 +145,9 @@ def lattice_tensor(cfg: LatticeConfig) -> TensorSpec:
 def packed_linear_bytes(out_features: int, in_features: int, cfg: LatticeConfig) -> dict[str, int]:
     """Bytes of one packed linear by part: {"codes", "scales", "whitening"}.
 
-    codes = o * ceil(ceil(i/d) * D / 32) * 4, scales = 2 o, whitening = 2 (2 i + a^2 + b^2).
+    codes = 4 o W (W = ceil(ceil(i/d) * D / 32), rounded up to a multiple of 4 from 256 on),
+    scales = 2 o,
+    whitening = 4 i + f(a) + f(b) with f(p) = p (int8 signs) for a power of two, else 2 p^2.
     The lattice matrix is shared by all linears of a config: add `lattice_matrix_bytes` once.
     """
     parts = {"codes": 0, "scales": 0, "whitening": 0}
@@ -129,15 +161,22 @@ def lattice_matrix_bytes(cfg: LatticeConfig) -> int:
     return lattice_tensor(cfg).nbytes
 
 
-def quantization_config(layers: Mapping[str, LatticeConfig]) -> dict[str, Any]:
-    """The `config.json` entry: method, format version and the config of every linear."""
+def quantization_config(
+    layers: Mapping[str, LatticeConfig], embeddings: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The `config.json` entry: method, format version, the config of every linear and, when
+    given, how the embedding and lm_head are stored (`EmbeddingLayout.as_config()` of
+    `io.embedding_format`)."""
     used = sorted(set(layers.values()))
-    return {
+    config = {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
         "layers": {key: cfg.name for key, cfg in sorted(layers.items())},
         "lattices": {cfg.name: lattice_key(cfg) for cfg in used},
     }
+    if embeddings is not None:
+        config.update(embeddings)
+    return config
 
 
 def parse_quantization_config(config: Mapping[str, Any], where: str) -> dict[str, LatticeConfig]:
@@ -146,14 +185,18 @@ def parse_quantization_config(config: Mapping[str, Any], where: str) -> dict[str
     if method != QUANT_METHOD:
         raise BadInputError(f"{where}: quant_method is {method!r}, expected '{QUANT_METHOD}'")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READ_VERSIONS:
         raise BadInputError(
             f"{where}: packed format version {version!r} is not supported by this liftq "
-            f"(reads version {FORMAT_VERSION}): re-pack with `liftq pack` or upgrade liftq"
+            f"(reads versions {', '.join(map(str, READ_VERSIONS))}): re-pack with `liftq pack` "
+            f"or upgrade liftq"
         )
     layers = config.get("layers")
     if not isinstance(layers, Mapping) or not layers:
         raise BadInputError(f"{where}: quantization_config.layers is missing: re-pack the model")
+    from liftq_cli.io.embedding_format import parse_embeddings
+
+    parse_embeddings(config, where)  # validated here too: every reader refuses a bad entry
     try:
         return {str(key): LatticeConfig.parse(str(name)) for key, name in layers.items()}
     except LatticeConfigError as exc:

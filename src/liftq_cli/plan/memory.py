@@ -12,8 +12,11 @@ the closed formula lives in `liftq_cli.io.packed_format` (the module that define
   2 * (2 * i + p1^2 + p2^2) bytes;
 * each lattice matrix M (d x D, float32) used by the model is stored once: 4 * d * D bytes.
 
-Everything else is priced by `MemorySettings`: embeddings and lm_head at fp16 / int8 / int4
-(or embeddings in host memory), norms and biases at fp16, the KV cache for ctx x batch at
+The embedding and lm_head are priced from the tensors `liftq pack --embed/--lm-head` writes
+(`io.embedding_format`: fp16 2 r c, int8 r c + 2 r, int4 r ceil(c/2) + 2 r ceil(c/128) for
+r = vocab, c = hidden; `host` keeps the fp16 table in host RAM, 0 bytes on the GPU; a tied
+pair at one precision is stored once). Everything else is priced by `MemorySettings`: norms
+and biases at fp16, the KV cache for ctx x batch at
 kv_bits, and a runtime overhead (CUDA context, workspaces, prefill activations). All sizes are
 bytes (int); all functions are pure.
 """
@@ -24,45 +27,55 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 from liftq_cli.errors import BadInputError
+from liftq_cli.io.embedding_format import (
+    DEFAULT_EMBED,
+    DEFAULT_LM_HEAD,
+    EMBED_CHOICES,
+    INT4_GROUP,
+    LM_HEAD_CHOICES,
+    EmbeddingLayout,
+    stored_matrix_bytes,
+)
+from liftq_cli.io.embedding_format import embedding_bytes as stored_embedding_bytes
 from liftq_cli.io.packed_format import lattice_matrix_bytes, packed_linear_bytes
 from liftq_cli.io.packed_format import whitening_factors as whitening_factors
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.plan.architectures import Architecture, LinearSpec, embedding_params, linears
+from liftq_cli.plan.architectures import Architecture, LinearSpec, linears
 from liftq_cli.plan.architectures import other_params as _other_params
 
 FP16 = 2
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 
-Precision = Literal["fp16", "int8", "int4", "host"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
+PRECISIONS: tuple[str, ...] = EMBED_CHOICES  # --embed choices; --lm-head: LM_HEAD_CHOICES
 KV_BITS = (16, 8, 4)
-INT4_GROUP = 128  # int4 embeddings / lm_head: one fp16 scale per 128 weights of a row
 
 # The paper's evaluation context, and the one its headline claim (Llama-3-70B at 2.4 bits on a
 # 24 GB GPU) holds at; --ctx plans for longer chats (4096: 2.3 bits there).
 DEFAULT_CTX = 2048
 DEFAULT_BATCH = 1
 DEFAULT_KV_BITS = 16
-DEFAULT_EMBED: Precision = "host"
-DEFAULT_LM_HEAD: Precision = "int8"
-DEFAULT_CUDA_CONTEXT = 700 * MIB
+DEFAULT_CUDA_CONTEXT = 700 * MIB  # an estimate, see ASSUMPTION_NOTES
 DEFAULT_WORKSPACE = 128 * MIB
 DEFAULT_PREFILL_CHUNK = 512
 MAX_SIZE = 10**15  # 1 PB: far beyond any node; a larger value is a typo
 MIN_VRAM = 64 * MIB  # below this a --vram value is a forgotten unit, not a GPU
 
 ASSUMPTION_NOTES: dict[str, str] = {
-    "embed": "host: the token embedding stays in host RAM (a row gather per token, as "
-    "llama.cpp and ExLlamaV2 do); fp16/int8/int4 keep it on the GPU",
+    "embed": "host: the token embedding stays in host RAM, pinned under CUDA (each step "
+    "gathers its tokens' rows there and copies them over, as llama.cpp does); fp16/int8/int4 "
+    "keep it on the GPU; `liftq pack --embed` writes the same choice",
     "lm_head": "int8 with one fp16 scale per row (llama.cpp keeps output.weight at 6+ bits "
-    "in its 2-bit mixes); fp16 is the unquantized choice",
+    "in its 2-bit mixes), int4 with one fp16 scale per 128 weights; fp16 is the unquantized "
+    "choice; `liftq pack --lm-head` writes the same choice. A tied lm_head at the embedding's "
+    "precision is stored once (under embed); at another precision it is a separate copy",
     "kv_cache": "every layer caches the full ctx (sliding-window layers are not trimmed); "
     "kv_bits < 16 adds one fp16 scale per head and token",
-    "cuda_context": "measured: torch 2.11 + CUDA 13 on an H100 hold 693 MiB outside the "
-    "caching allocator after a cuBLAS GEMM, SDPA and a Triton kernel",
+    "cuda_context": "an estimate, not measured by liftq: the memory a torch + cuBLAS + "
+    "Triton process holds outside the caching allocator is typically 0.5 to 1 GiB, by GPU, "
+    "driver and CUDA version; read yours from nvidia-smi after one forward and pass "
+    "--cuda-context",
     "workspace": "cuBLAS workspace (32 MiB on Hopper), attention scratch and "
     "caching-allocator slack",
     "activations": "peak fp16 activations of one decoder block for a prefill chunk, fused "
@@ -124,17 +137,12 @@ def format_bytes(n: int) -> str:
 def matrix_bytes(rows: int, cols: int, precision: str) -> int:
     """GPU bytes of a (rows, cols) embedding-like matrix at `precision` (host: 0 on the GPU).
 
-    int8: one fp16 scale per row; int4: packed nibbles plus one fp16 scale per 128 weights.
+    The bytes of the tensors `liftq pack` writes (`io.embedding_format.stored_matrix_bytes`):
+    int8 one fp16 scale per row; int4 packed nibbles plus one fp16 scale per 128 weights.
     """
-    if precision == "fp16":
-        return FP16 * rows * cols
-    if precision == "int8":
-        return rows * cols + FP16 * rows
-    if precision == "int4":
-        return rows * (-(-cols // 2)) + FP16 * rows * (-(-cols // INT4_GROUP))
     if precision == "host":
         return 0
-    raise BadInputError(f"precision '{precision}' is unknown: use one of {', '.join(PRECISIONS)}")
+    return stored_matrix_bytes(rows, cols, precision, INT4_GROUP)
 
 
 def kv_cache_bytes(arch: Architecture, ctx: int, batch: int, kv_bits: int) -> int:
@@ -189,8 +197,10 @@ class MemorySettings:
             raise BadInputError(
                 f"--embed '{self.embed}' is unknown: use one of {', '.join(PRECISIONS)}"
             )
-        if self.lm_head not in PRECISIONS or self.lm_head == "host":
-            raise BadInputError(f"--lm-head '{self.lm_head}' is unknown: use fp16, int8 or int4")
+        if self.lm_head not in LM_HEAD_CHOICES:
+            raise BadInputError(
+                f"--lm-head '{self.lm_head}' is unknown: use one of {', '.join(LM_HEAD_CHOICES)}"
+            )
         for name in ("cuda_context_bytes", "workspace_bytes", "overhead_bytes"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -213,18 +223,23 @@ def quantized_bytes(arch: Architecture, config_for: ConfigFor) -> dict[str, int]
     return parts
 
 
+def embedding_layout(arch: Architecture, settings: MemorySettings) -> EmbeddingLayout:
+    """How `liftq pack` with the settings' --embed / --lm-head stores this model's matrices."""
+    return EmbeddingLayout(settings.embed, settings.lm_head, tied=arch.tie_embeddings)
+
+
 def embedding_bytes(arch: Architecture, settings: MemorySettings) -> tuple[int, int, int]:
     """(embed GPU bytes, lm_head GPU bytes, host bytes) for the settings' precisions.
 
-    A tied lm_head is the embedding matrix: stored once when both share a precision; with the
-    embedding on the host, the GPU keeps only the lm_head copy.
+    The packed file's bytes of each part (`io.embedding_format.embedding_bytes`), with a
+    `host` embedding moved from the GPU to host RAM. A tied pair at one precision is stored
+    once, under the embedding (lm_head 0); tied at different precisions, both are stored.
     """
-    rows, cols = arch.vocab_size, arch.hidden_size
-    lm_head = matrix_bytes(rows, cols, settings.lm_head)
-    host = FP16 * embedding_params(arch) if settings.embed == "host" else 0
-    if arch.tie_embeddings and settings.embed == settings.lm_head:
-        return 0, lm_head, host
-    return matrix_bytes(rows, cols, settings.embed), lm_head, host
+    stored = stored_embedding_bytes(
+        arch.vocab_size, arch.hidden_size, embedding_layout(arch, settings)
+    )
+    host = stored["embed"] if settings.embed == "host" else 0
+    return stored["embed"] - host, stored["lm_head"], host
 
 
 def fixed_bytes(arch: Architecture, settings: MemorySettings) -> dict[str, int]:

@@ -19,15 +19,18 @@ def _labels(plan: Plan) -> dict[str, str]:
     s = plan.settings
     kv = "fp16" if s.kv_bits == 16 else f"{s.kv_bits}-bit"
     embed = "host RAM, not on the GPU" if s.embed == "host" else s.embed
+    lm_head = s.lm_head
     if plan.arch.tie_embeddings and s.embed == s.lm_head:
-        embed = f"{s.embed}, tied: shared with lm_head"
+        embed, lm_head = f"{s.embed}, tied: also the lm_head", "tied: the embeddings"
+    elif plan.arch.tie_embeddings:
+        lm_head = f"{s.lm_head}, its own copy of the tied embeddings"
     return {
         "codes": "lattice codes (D sign bits per d-slice)",
         "scales": "per-row scales (fp16)",
         "whitening": "whitening factors s1, s2, P1, P2 (fp16)",
         "lattice_matrices": "lattice matrices M (fp32)",
         "embed": f"embeddings ({embed})",
-        "lm_head": f"lm_head ({s.lm_head})",
+        "lm_head": f"lm_head ({lm_head})",
         "norms_biases": "norms, biases, routers (fp16)",
         "kv_cache": f"KV cache (ctx {s.ctx} x batch {s.batch}, {kv})",
         "cuda_context": "CUDA context",
@@ -132,7 +135,7 @@ def assumption_lines(plan: Plan, vram_text: str | None = None) -> list[str]:
     ]
     if s.overhead_bytes is None:
         lines.append(
-            f"runtime: CUDA context {s.cuda_context_bytes / 2**20:.0f} MiB (measured, H100), "
+            f"runtime: CUDA context {s.cuda_context_bytes / 2**20:.0f} MiB (an estimate), "
             f"workspace {s.workspace_bytes / 2**20:.0f} MiB, prefill chunk {s.prefill_chunk} "
             f"tokens; override with --overhead or --cuda-context/--workspace/--prefill-chunk"
         )

@@ -200,7 +200,7 @@ def shared_stage_units(
 def state_bytes(lin: LinearWork) -> int:
     """Bytes of one encoded linear kind as gathered: packed codes, fp32 scale and whitening."""
     a, b = whitening_factors(lin.inp)
-    words = words_per_row(lin.inp, lin.cfg)
+    words = words_per_row(lin.inp, lin.cfg, version=1)  # the plain bitstream of the work dir
     return lin.count * (4 * lin.out * words + 4 * lin.out + 8 * lin.inp + 4 * (a * a + b * b))
 
 

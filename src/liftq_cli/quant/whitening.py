@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from liftq_kernels.reference import sylvester
+
 
 @dataclass
 class Whitening:
@@ -57,10 +59,7 @@ def orthogonal_init(size: int, generator: torch.Generator) -> torch.Tensor:
     the CPU (the generator's device) so that every device gets the same rotation."""
     signs = torch.randint(0, 2, (size,), generator=generator, device="cpu").float() * 2 - 1
     if size & (size - 1) == 0:
-        h = torch.ones(1, 1, device="cpu")
-        while h.shape[0] < size:
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        basis = h / math.sqrt(size)
+        basis = sylvester(size)
     else:
         k = torch.arange(size, dtype=torch.float64, device="cpu").unsqueeze(1)
         i = torch.arange(size, dtype=torch.float64, device="cpu").unsqueeze(0)

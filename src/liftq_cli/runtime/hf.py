@@ -19,11 +19,14 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from liftq_cli.io.embedding_format import parse_embeddings
 from liftq_cli.io.packed_format import (
     FORMAT_VERSION,
     QUANT_METHOD,
     parse_quantization_config,
 )
+
+EMBEDDING_KEYS = ("embed", "lm_head", "tied", "int4_group")
 
 
 class LiftQuantConfig(QuantizationConfigMixin):
@@ -40,10 +43,13 @@ class LiftQuantConfig(QuantizationConfigMixin):
         self.format_version = format_version
         self.layers = dict(layers or {})
         self.lattices = dict(lattices or {})
+        # embed, lm_head, tied, int4_group (io/embedding_format.py); absent in older files
+        self.embedding_keys = {k: kwargs[k] for k in EMBEDDING_KEYS if k in kwargs}
         self.post_init()
 
     def post_init(self) -> None:
         self.configs = parse_quantization_config(self.to_dict(), "quantization_config")
+        self.embeddings = parse_embeddings(self.to_dict(), "quantization_config")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +57,7 @@ class LiftQuantConfig(QuantizationConfigMixin):
             "format_version": self.format_version,
             "layers": dict(self.layers),
             "lattices": dict(self.lattices),
+            **self.embedding_keys,
         }
 
 
@@ -61,14 +68,24 @@ class LiftQuantHfQuantizer(HfQuantizer):
     quantization_config: LiftQuantConfig
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
+        from liftq_cli.runtime.embeddings import replace_embeddings
         from liftq_cli.runtime.linear import replace_linears
 
         layers = dict(self.quantization_config.configs)
         prefix = f"{getattr(model, 'base_model_prefix', '')}."
+        strip = ""
         if prefix != "." and not hasattr(model, prefix[:-1]):
             # A base model (e.g. AutoModel) has no `model.` level: names start one level down.
             layers = {k.removeprefix(prefix): cfg for k, cfg in layers.items()}
-        replace_linears(model, layers, device="meta")
+            strip = prefix
+        replace_embeddings(model, self.quantization_config.embeddings, "meta", strip)
+        version = int(self.quantization_config.format_version)
+        replace_linears(model, layers, device="meta", version=version)
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> None:
+        from liftq_cli.runtime.embeddings import place_on_host
+
+        place_on_host(model)
 
     def is_serializable(self) -> bool:
         return True
