@@ -280,15 +280,15 @@ def main() -> None:
     )
     header = (
         f"{'layer':<10}{'out x in':>12}{'config':>10}{'dense':>10}{'packed':>10}"
-        f"{'= lift':>9}{'+ gemv':>9}{'dense B':>11}{'codes B':>10}"
+        f"{'= lift':>9}{'+ gemv':>10}{'dense B':>14}{'codes B':>13}"
         f"{'prefill dense':>15}{'packed':>10}"
     )
     print(header)
     for r in rows:
         print(
             f"{r['kind']:<10}{r['out']:>6}x{r['in']:<5}{r['config']:>10}{r['dense_us']:>10.1f}"
-            f"{r['packed_us']:>10.1f}{r['lift_us']:>9.1f}{r['gemv_us']:>9.1f}"
-            f"{r['dense_bytes']:>11,}{r['code_bytes']:>10,}"
+            f"{r['packed_us']:>10.1f}{r['lift_us']:>9.1f}{r['gemv_us']:>10.1f}"
+            f"{r['dense_bytes']:>14,}{r['code_bytes']:>13,}"
             f"{r['prefill_dense_us']:>15.1f}{r['prefill_packed_us']:>10.1f}"
         )
     print(
