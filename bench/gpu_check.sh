@@ -23,6 +23,9 @@ step() { echo; echo "== $1 ($(date +%T))"; }
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || status=1
 "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' || status=1
+# the CUDA context (liftq plan's 700 MiB is an estimate until this measures it): device memory
+# in use after the context and a first kernel exist, before any tensor of ours
+"$PY" -c 'import torch; torch.zeros(1, device="cuda").add_(1); torch.cuda.synchronize(); f, t = torch.cuda.mem_get_info(); print(f"CUDA context: {(t - f) / 2**20:.0f} MiB in use (torch allocated {torch.cuda.memory_allocated() / 2**20:.1f} MiB)")' || status=1
 
 step "quantize: CUDA against CPU"
 timeout 300 "$PY" bench/gpu_check.py --json "$OUT/quantize.json" || status=1
@@ -35,6 +38,8 @@ timeout 120 "$PY" bench/decode.py --synthetic smollm2-135m --config LQ-24/10 --d
   --new-tokens 32 --json "$OUT/decode.json" || status=1
 timeout 180 "$PY" bench/decode.py --synthetic llama-3-70b --layers 2 --config LQ-24/10 \
   --device cuda --new-tokens 16 --reps 20 --json "$OUT/decode_70b.json" || status=1
+timeout 180 "$PY" bench/decode.py --synthetic llama-3.1-405b --layers 1 --vocab 32000 \
+  --config LQ-24/10 --device cuda --new-tokens 8 --reps 10 --json "$OUT/decode_405b.json" || status=1
 
 step "eval --speed: peak memory against the plan"
 timeout 240 .venv/bin/liftq quantize smollm2-135m --config LQ-24/10 --nsamples 8 --seqlen 128 \
