@@ -35,14 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import liftq_cli  # noqa: F401  (registers the packed format with transformers)
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.runtime.linear import LiftQuantLinear, replace_linears
 from liftq_kernels.ops import lut_bitmm, pick_backend
-from liftq_kernels.reference import WORD_BITS, code_order, lift_ref
+from liftq_kernels.reference import WORD_BITS, in_code_order, lift_ref
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -156,8 +155,7 @@ def stage_fns(mod: LiftQuantLinear, x: torch.Tensor, backend: str, dtype: torch.
             lambda: lift(x, *args, k_padded),
             lambda: bitgemv(z, z_scale, words, scale, out_dtype=dtype),
         )
-    z = lift_ref(x, *args)
-    z = F.pad(z, (0, words.shape[1] * WORD_BITS - z.shape[1]))[:, code_order(words.shape[1])]
+    z = in_code_order(lift_ref(x, *args), words.shape[1])
     return lambda: lift_ref(x, *args), lambda: lut_bitmm(z, words, scale)
 
 

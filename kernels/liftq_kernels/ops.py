@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from liftq_kernels.autotune import DECODE_MAX_ROWS, LUT_MAX_ROWS
-from liftq_kernels.reference import WORD_BITS, bitmm_ref, code_order, lift_ref
+from liftq_kernels.reference import WORD_BITS, bitmm_ref, in_code_order, lift_ref
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -77,9 +77,7 @@ def torch_linear(
     """Torch path: float32 lift, z moved into the codes' bit order, then byte lookup tables
     (at most `LUT_MAX_ROWS` rows) or the signs unpacked for this call and one matmul (both
     read `words` as a plain bitstream). Returns x.dtype."""
-    lifted = lift_ref(x, s1, p1, p2, s2, lattice)
-    z = F.pad(lifted, (0, words.shape[1] * WORD_BITS - lifted.shape[1]))
-    z = z[:, code_order(words.shape[1], z.device)]
+    z = in_code_order(lift_ref(x, s1, p1, p2, s2, lattice), words.shape[1])
     if z.shape[0] <= LUT_MAX_ROWS and sys.byteorder == "little":
         return lut_bitmm(z, words, scale).to(x.dtype)
     return bitmm_ref(z, words, scale).to(x.dtype)

@@ -155,6 +155,13 @@ def code_order(n_words: int, device: torch.device | str = "cpu") -> torch.Tensor
     return (base + _interleave_index(torch.device(device))).reshape(-1)
 
 
+def in_code_order(z: torch.Tensor, n_words: int) -> torch.Tensor:
+    """z [B, K] zero-padded to the stored row (32 n_words) and permuted into `code_order`,
+    so a plain-bitstream product (`bitmm_ref`, the byte tables) reads format-2 codes."""
+    padded = torch.nn.functional.pad(z, (0, n_words * WORD_BITS - z.shape[1]))
+    return padded[:, code_order(n_words, z.device)]
+
+
 # (keep mask, moved mask, shift) of the four swap steps of a 32-bit perfect outer shuffle
 # (Hacker's Delight 7-2): run forwards they interleave the halves (bit p -> 2p, bit p + 16 ->
 # 2p + 1), backwards they unzip even and odd bits (the format-2 order).

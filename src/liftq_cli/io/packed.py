@@ -72,8 +72,11 @@ TORCH_DTYPES = {
     "int32": torch.int32,
     "float16": torch.float16,
     "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
     "int8": torch.int8,
+    "uint8": torch.uint8,
 }
+"""dtype name of a format table (`packed_format`, `embedding_format`) -> torch dtype."""
 PARTS = ("codes", "scales", "whitening", "lattice_matrices")  # the linears' closed formula
 PARTS += ("embed", "lm_head", "unquantized", "header")  # report order; sums to the file
 

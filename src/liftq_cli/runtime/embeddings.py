@@ -26,16 +26,9 @@ from liftq_cli.io.embedding_format import (
     EmbeddingLayout,
     matrix_tensors,
 )
+from liftq_cli.io.packed import TORCH_DTYPES
 from liftq_kernels.qlinear_ops import qlinear
 from liftq_kernels.qlinear_ref import dequantize
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-}
 
 
 class _ComputeDtype(nn.Module):

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from liftq_cli.io.packed import TORCH_DTYPES
 from liftq_cli.io.packed_format import (
     FORMAT_VERSION,
     code_bits,
@@ -32,13 +33,6 @@ from liftq_cli.quant.reconstruct import reconstruct
 from liftq_cli.quant.whitening import Whitening
 from liftq_kernels.ops import liftq_linear
 from liftq_kernels.reference import interleave_words, signed_hadamard, unpack_interleaved
-
-TORCH_DTYPES = {
-    "int32": torch.int32,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "int8": torch.int8,
-}
 
 
 class LatticeBank(nn.Module):
