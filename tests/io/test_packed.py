@@ -32,8 +32,10 @@ def packed(tmp_path_factory):
     quant = quant_dir(root)
     # fp16 embedding and lm_head: these tests are about the linears (the other choices:
     # tests/io/test_packed_embeddings.py)
-    report = pack_quantized(quant, root / "packed", embed="fp16", lm_head="fp16")
-    return quant, root / "packed", report
+    # its own folder: tests/runtime reuse root / "packed" in whatever order pytest runs them
+    out = root / "packed-io"
+    report = pack_quantized(quant, out, embed="fp16", lm_head="fp16")
+    return quant, out, report
 
 
 def test_pack_then_unpack_returns_every_code_bit(packed):
