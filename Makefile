@@ -9,7 +9,7 @@ RUN_TOKENS ?= 40960
 RUN_DIR ?= out
 QUALITY_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench bench-lattice bench-quality clean
+.PHONY: setup run test test-fast lint bench bench-lattice bench-quality bench-vllm vllm-setup clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ run: $(STAMP)
 	$(BIN)/liftq eval $(RUN_DIR)/packed --ppl wikitext2 --ctx 1024 --max-tokens $(RUN_TOKENS) \
 		--kld-ref smollm2-135m --save $(RUN_DIR)/eval.json --overwrite
 
+# vLLM's CPU build and liftq's vLLM plugin in .venv-vllm, apart from .venv (vLLM pins its own
+# torch and transformers): `make test` then also serves packed models through it
+# (tests/vllm/test_serve.py; skipped without it, except under CI, which builds it).
+vllm-setup:
+	bash scripts/vllm_setup.sh
+
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 
@@ -56,6 +62,12 @@ bench-lattice: $(STAMP)
 bench-quality: $(STAMP)
 	bash bench/setup_peers.sh
 	$(BIN)/python bench/quality.py $(QUALITY_ARGS)
+
+# Tokens/s of the packed model vs the same model dense, both served by vLLM in one run
+# (--quick: a 5-minute LQ-24/10 pack of the bundled model; `--packed out/packed` after make run).
+VLLM_BENCH_ARGS ?= --quick
+bench-vllm: $(STAMP) vllm-setup
+	$(BIN)/python bench/vllm_throughput.py $(VLLM_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

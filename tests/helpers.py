@@ -44,3 +44,11 @@ def tiny_llama_folder(
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_from / name, folder / name)
     return folder
+
+
+def run_liftq(*args: str) -> None:
+    """Run the CLI as a user does, in a subprocess of this interpreter (raises on failure)."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "liftq_cli", *args], check=True)

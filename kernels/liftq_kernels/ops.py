@@ -73,11 +73,15 @@ def torch_linear(
     p2: torch.Tensor,
     s2: torch.Tensor,
     lattice: torch.Tensor,
+    word_offset: int = 0,
+    total_words: int | None = None,
 ) -> torch.Tensor:
     """Torch path: float32 lift, z moved into the codes' bit order, then byte lookup tables
     (at most `LUT_MAX_ROWS` rows) or the signs unpacked for this call and one matmul (both
     read `words` as a plain bitstream). Returns x.dtype."""
-    z = in_code_order(lift_ref(x, s1, p1, p2, s2, lattice), words.shape[1])
+    total = words.shape[1] if total_words is None else total_words
+    z = in_code_order(lift_ref(x, s1, p1, p2, s2, lattice), total)
+    z = z[:, WORD_BITS * word_offset : WORD_BITS * (word_offset + words.shape[1])]
     if z.shape[0] <= LUT_MAX_ROWS and sys.byteorder == "little":
         return lut_bitmm(z, words, scale).to(x.dtype)
     return bitmm_ref(z, words, scale).to(x.dtype)
@@ -92,6 +96,8 @@ def triton_linear(
     p2: torch.Tensor,
     s2: torch.Tensor,
     lattice: torch.Tensor,
+    word_offset: int = 0,
+    total_words: int | None = None,
 ) -> torch.Tensor:
     """Triton path: lift kernels, then the decode GEMV (at most `DECODE_MAX_ROWS` rows) or the
     prefill GEMM. Every shape runs on the kernels (no torch fallback). Returns x.dtype."""
@@ -99,7 +105,10 @@ def triton_linear(
     from liftq_kernels.bitgemv import bitgemv
     from liftq_kernels.lift import lift
 
-    z, z_scale = lift(x, s1, p1, p2, s2, lattice, k_padded=words.shape[1] * WORD_BITS)
+    total = words.shape[1] if total_words is None else total_words
+    z, z_scale = lift(x, s1, p1, p2, s2, lattice, k_padded=total * WORD_BITS)
+    if total != words.shape[1]:  # a shard of the words: its columns of z (a strided view)
+        z = z[:, WORD_BITS * word_offset : WORD_BITS * (word_offset + words.shape[1])]
     if x.shape[0] <= DECODE_MAX_ROWS:
         return bitgemv(z, z_scale, words, scale, out_dtype=x.dtype)
     return bitgemm(z, z_scale, words, scale, out_dtype=x.dtype)
@@ -115,16 +124,28 @@ def liftq_linear(
     s2: torch.Tensor,
     lattice: torch.Tensor,
     backend: str = "auto",
+    word_offset: int = 0,
+    total_words: int | None = None,
 ) -> torch.Tensor:
     """One LiftQuant linear: x [B, n] -> y [B, N] in x.dtype (no bias).
 
     words: int32 [N, W] format-2 codes (`reference.pack_interleaved`, W = padded_words(K),
     K = ceil(n/d) * D); scale: [N]; s1, s2: [n]; p1: [a, a], p2: [b, b] with a * b = n;
     lattice M: [d, D].
+
+    A shard of the code columns (tensor-parallel row split): `words` holds the word columns
+    [word_offset, word_offset + W) of rows that have `total_words` words in all; x is still
+    the whole input (the lift needs all of it) and y is this shard's partial sum, so the
+    shards' outputs add up to the whole layer's.
     """
     if x.dim() != 2 or x.shape[1] != s1.shape[0]:
         raise ValueError(f"liftq_linear: x must be [B, {s1.shape[0]}], got {tuple(x.shape)}")
-    args = (x.contiguous(), words, scale, s1, p1, p2, s2, lattice)
+    if total_words is not None and not 0 <= word_offset <= total_words - words.shape[1]:
+        raise ValueError(
+            f"liftq_linear: words [{words.shape[0]}, {words.shape[1]}] at word {word_offset} "
+            f"do not fit rows of {total_words} words"
+        )
+    args = (x.contiguous(), words, scale, s1, p1, p2, s2, lattice, word_offset, total_words)
     if pick_backend(x, backend) == "triton":
         return triton_linear(*args)
     return torch_linear(*args)

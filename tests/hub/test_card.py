@@ -35,6 +35,10 @@ def test_huggingface_hub_reads_the_card_metadata(packed):
     assert card.data.pipeline_tag == "text-generation"
     assert "liftquant" in card.data.tags
     assert "# SmolLM2-135M-Instruct · LiftQuant LQ-24/10 (2.40 bits)" in card.text
+    # how to use it: evaluate, load in transformers, serve in vLLM (the plugin's extra)
+    assert "liftq eval alice/demo --ppl wikitext2" in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("alice/demo")' in card.text
+    assert "vllm serve alice/demo" in card.text and "liftq[vllm]" in card.text
 
 
 def test_mixed_configs_are_weighted_by_weights(tmp_path):

@@ -19,6 +19,7 @@ import yaml
 
 from liftq_cli.errors import BadInputError
 from liftq_cli.hub.folder import FolderInfo
+from liftq_cli.hub.usage import use_section
 from liftq_cli.lattice_config import LatticeConfig, LatticeConfigError
 from liftq_cli.plan.architectures import LINEAR_KINDS, Architecture, from_hf_config, linears
 from liftq_cli.plan.memory import MemorySettings, format_bytes, model_breakdown, quantized_bytes
@@ -381,15 +382,5 @@ def render_card(info: FolderInfo, base: BaseInfo, repo_id: str | None = None) ->
     else:
         out.append("No recipe recorded (quantised with `--bits` or `--config`).")
     target = repo_id or "owner/name"
-    out += [
-        "",
-        "## Use",
-        "",
-        "With liftq installed, evaluate it straight from the Hub:",
-        "",
-        "```bash",
-        f"liftq eval {target} --ppl wikitext2",
-        "```",
-        "",
-    ]
+    out += ["", "## Use", ""] + use_section(target)
     return "\n".join(out)
