@@ -27,7 +27,6 @@ if str(ROOT) not in sys.path:  # `python bench/ldlq.py` puts bench/, not the roo
 
 import torch
 from bench.environment import versions_line
-from torch import nn
 
 from liftq_cli.data.calibration import calibration_set
 from liftq_cli.data.text import load_text
@@ -35,7 +34,7 @@ from liftq_cli.io.atomic import write_text_atomic
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve
 from liftq_cli.io.weights import WeightReader
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.quant import blocks
+from liftq_cli.quant import blocks, decoder
 from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.lattice import encode
 from liftq_cli.quant.lattice_catalog import load_catalog_matrix
@@ -49,17 +48,15 @@ def block_inputs(folder: Path, ids: torch.Tensor, layers: list[int]):
     """Yield (layer, block, full-precision block input, run) for each requested layer."""
     config, skeleton = blocks.build_skeleton(folder)
     reader = WeightReader(folder)
-    seqlen = ids.shape[1]
-    rotary = type(skeleton.model.rotary_emb)(config=config)
-    position = rotary(torch.zeros(1, seqlen, config.hidden_size), torch.arange(seqlen)[None])
-
-    def run(block, hidden):
-        return blocks._forward(block, hidden, position, 2)
-
-    hidden = nn.functional.embedding(ids, reader.get("model.embed_tokens.weight").float())
+    layers_list = decoder.find_layers(skeleton, config.num_hidden_layers)
+    base = decoder.load_backbone(skeleton, reader, torch.device("cpu"))
+    calls = decoder.layer_calls(base, layers_list, ids.shape[1])
+    hidden = decoder.embed(base, layers_list, ids, 2)
+    decoder.release_backbone(base)
     for layer in range(max(layers) + 1):
-        block = skeleton.model.layers[layer]
-        blocks.load_block(block, reader, f"model.layers.{layer}.")
+        block = layers_list[layer]
+        blocks.load_block(block, reader, f"{decoder.LAYERS}.{layer}.")
+        run = blocks.block_runner(calls[layer], 2)
         if layer in layers:
             yield layer, block, hidden, run
         with torch.no_grad():

@@ -143,11 +143,49 @@ def test_mixed_with_sensitivity_file(cli, tmp_path):
     assert "sens.json" in data["assumptions"]["solver"]
 
 
+def test_qwen3_moe_breakdown_counts_the_experts(cli):
+    data = _json(cli("plan", "--model", "qwen3-moe-30b-a3b", "--vram", "16GB", "--json"))
+    assert data["model"] == "qwen3-30b-a3b" and data["fits"] is True
+    assert data["params"] == 30_532_122_624 and data["active_params"] == 3_353_032_704
+    experts = data["experts"]
+    assert (experts["num_experts"], experts["experts_per_token"]) == (128, 8)
+    assert experts["moe_layers"] == 48 and experts["shared_expert_intermediate_size"] == 0
+    assert experts["routed_expert_params"] == 48 * 128 * 3 * 2048 * 768
+    # every expert is priced: the codes alone exceed what the 8 active ones would need
+    assert data["bytes"]["breakdown"]["codes"] > experts["routed_expert_bytes"] > 13e9
+    table = cli("plan", "--model", "qwen3-moe-30b-a3b", "--vram", "16GB").stdout
+    for fragment in ("experts", "routed experts per token", "128", "30.53B", "3.35B"):
+        assert fragment in table
+
+
+def test_fused_kinds_round_trip_through_a_recipe(cli, tmp_path):
+    target = tmp_path / "phi3.yaml"
+    args = ("plan", "-m", "phi-3-mini", "--vram", "3GB", "--mixed", "--write-recipe")
+    data = _json(cli(*args, str(target), "--json"))
+    assert {"layers.0.qkv_proj", "layers.0.gate_up_proj"} <= set(data["configs"])
+    recipe = load(target)
+    assert recipe.config_for(0, "qkv_proj").name == data["configs"]["layers.0.qkv_proj"]
+
+
+def test_dense_plan_has_no_experts_section(cli):
+    data = _json(cli("plan", "-m", "llama-3-8b", "--vram", "8GB", "--json"))
+    assert "experts" not in data and data["active_params"] == data["params"]
+    assert "routed experts" not in cli("plan", "-m", "llama-3-8b", "--vram", "8GB").stdout
+
+
+def test_deepseek_v3_states_its_dense_blocks(cli):
+    table = cli("plan", "-m", "deepseek-v3", "--vram", "250GB").stdout
+    assert "58 of 61 (dense: 0-2)" in table and "width 2048" in table
+
+
 def test_list_models(cli):
     data = _json(cli("plan", "--list-models", "--json"))
     names = {row["name"] for row in data["models"]}
     assert {"llama-3-70b", "mixtral-8x7b", "gemma-2-27b", "smollm2-135m"} <= names
-    assert len(names) >= 22
+    assert {"qwen3-30b-a3b", "deepseek-v3", "gpt-oss-120b", "llama-4-scout"} <= names
+    assert len(names) >= 35
+    moe = next(row for row in data["models"] if row["name"] == "gpt-oss-20b")
+    assert moe["published_active_params"] == 3_610_000_000 and moe["experts"] == 32
     row = next(row for row in data["models"] if row["name"] == "smollm2-135m")
     assert row["params"] == row["published_params"] == 134_515_008
 

@@ -354,3 +354,34 @@ def test_help_texts_keep_their_brackets(cli):
     assert "[a I, H/sqrt(d)]" in result.stdout
     result = cli("quantize", "--help", env={"COLUMNS": "200"})
     assert "(default: 64)" in result.stdout and "(default: on)" in result.stdout
+
+
+def test_a_gemma3_decoder_quantizes_and_evaluates_without_a_code_change(
+    cli, tmp_path, smollm2_folder
+):
+    import shutil
+
+    from tests.quant.tiny_decoders import SUPPORTED, save_tiny
+
+    folder = save_tiny(
+        tmp_path / "gemma3", "gemma3_text", {**SUPPORTED["gemma3_text"], "vocab_size": 49152}
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_folder / name, folder / name)
+    out = tmp_path / "q"
+    args = ["quantize", str(folder), "--config", "LQ-16/8", "--out", str(out)]
+    args += ["--calib", str(calibration_text(tmp_path)), "--nsamples", "2", "--seqlen", "32"]
+    result = cli(*args, "--whiten-steps", "1", "--correction-steps", "1")
+    assert result.exit_code == 0, result.output
+    evaluated = cli("eval", str(out), "--ppl", str(calibration_text(tmp_path)), "--ctx", "64")
+    assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_a_mixture_of_experts_model_is_refused_by_name_before_any_work(cli, tmp_path):
+    from tests.quant.tiny_decoders import REFUSED, save_tiny
+
+    folder = save_tiny(tmp_path / "moe", "qwen3_moe", REFUSED["qwen3_moe"][0])
+    out = tmp_path / "q"
+    result = cli("quantize", str(folder), "--bits", "2.4", "--out", str(out))
+    assert_one_line_error(result, "'qwen3_moe' is a mixture-of-experts model (4 experts")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]

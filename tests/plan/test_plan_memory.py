@@ -10,12 +10,13 @@ import pytest
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.packed_format import words_per_row
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.plan.architectures import linears, resolve_architecture
+from liftq_cli.plan.architectures import from_hf_config, linears, resolve_architecture
 from liftq_cli.plan.memory import (
     GIB,
     MIB,
     MemorySettings,
     kv_cache_bytes,
+    linear_state_bytes,
     matrix_bytes,
     model_breakdown,
     parse_size,
@@ -80,6 +81,52 @@ def test_kv_cache_bits_and_batch():
     assert kv_cache_bytes(arch, 4096, 2, 16) == 2 * fp16
     assert kv_cache_bytes(arch, 4096, 1, 8) == fp16 // 2 + 32 * 2 * 8 * 2 * 4096
     assert kv_cache_bytes(arch, 8192, 1, 16) == 2 * fp16
+
+
+def test_moe_prices_every_expert():
+    arch = resolve_architecture("qwen3-30b-a3b")
+    parts = model_breakdown(arch, uniform(LQ24_10), MemorySettings()).parts
+    experts = sum(
+        4 * s.count * s.out_features * words_per_row(s.in_features, LQ24_10)
+        for s in linears(arch)
+        if s.routed
+    )
+    assert experts > 0.95 * parts["codes"]  # all 128 experts of every block, not the 8 active
+    assert sum(s.count for s in linears(arch) if s.kind == "down_proj") == 48 * 128
+
+
+def test_latent_attention_caches_the_latent():
+    arch = resolve_architecture("deepseek-v3")
+    assert kv_cache_bytes(arch, 2048, 1, 16) == 61 * 2048 * (512 + 64) * 2
+    assert kv_cache_bytes(arch, 2048, 1, 8) == 61 * 2048 * (576 + 2 * 2)
+
+
+def test_linear_attention_layers_keep_a_fixed_state_not_a_kv_cache():
+    config = {
+        "model_type": "qwen3_5_text",
+        "hidden_size": 4096,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "vocab_size": 248320,
+    }
+    arch = from_hf_config(config, "qwen3.5-hybrid", "test")
+    assert arch.attention_layers == 8
+    assert kv_cache_bytes(arch, 4096, 1, 16) == 8 * 2 * 4 * 256 * 2 * 4096
+    conv = (2 * 16 * 128 + 32 * 128) * 4
+    state = 32 * 128 * 128
+    assert linear_state_bytes(arch, 2) == 2 * 2 * 24 * (conv + state)
+    short = model_breakdown(arch, uniform(LQ24_10), MemorySettings(ctx=1024)).parts
+    long = model_breakdown(arch, uniform(LQ24_10), MemorySettings(ctx=8192)).parts
+    assert short["linear_state"] == long["linear_state"] > 0
+    assert (
+        "linear_state"
+        not in model_breakdown(
+            resolve_architecture("llama-3-8b"), uniform(LQ24_10), MemorySettings()
+        ).parts
+    )
 
 
 def test_matrix_precisions():

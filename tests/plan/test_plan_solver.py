@@ -120,6 +120,9 @@ def test_longer_context_never_more_bits(llama70):
         ("mixtral-8x7b", 16e9),
         ("smollm2-135m", 1.035e9),
         ("llama-3-8b", 4.2e9),
+        ("qwen3-30b-a3b", 12e9),
+        ("phi-3-mini-4k", 4e9),
+        ("deepseek-v3", 200e9),
     ],
 )
 def test_mixed_fills_the_budget_within_one_percent(model, vram):
@@ -130,6 +133,45 @@ def test_mixed_fills_the_budget_within_one_percent(model, vram):
     assert mixed.headroom_bytes < 0.01 * vram
     assert mixed.bits >= plan_uniform(arch, vram, DEFAULTS).bits
     assert mixed.total_bytes == sum(mixed.breakdown.parts.values())
+
+
+@pytest.mark.parametrize(
+    ("model", "kinds"),
+    [
+        ("phi-3-mini-4k", ["qkv_proj", "gate_up_proj"]),
+        ("deepseek-v3", ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]),
+    ],
+)
+def test_prior_weighs_kinds_it_does_not_list_1(model, kinds):
+    arch = resolve_architecture(model)
+    prior = prior_sensitivity(arch)
+    middle = arch.num_layers // 2
+    for kind in kinds:
+        assert prior[f"layers.{middle}.{kind}"] == 1.0
+        assert prior[f"layers.0.{kind}"] == 2.0  # the edge-block weight still applies
+    weights = parse_sensitivity(arch, {"kinds": {kinds[0]: 3.0}})
+    assert weights[f"layers.{middle}.{kinds[0]}"] == 3.0
+
+
+def test_prior_covers_linear_attention_kinds():
+    from liftq_cli.plan.architectures import from_hf_config
+
+    config = {
+        "model_type": "qwen3_next",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "vocab_size": 1000,
+    }
+    arch = from_hf_config(config, "tiny-next", "test")
+    prior = prior_sensitivity(arch)
+    assert prior["layers.1.in_proj_qkvz"] == prior["layers.1.out_proj"] == 1.0
+    assert prior["layers.0.in_proj_qkvz"] == 2.0
+    plan = plan_mixed(arch, 200_000_000, MemorySettings(overhead_bytes=0))
+    assert plan.fits and "layers.3.q_proj" in plan.assignment
 
 
 def test_mixed_prior_gives_edges_and_sensitive_kinds_more_bits(llama70):

@@ -16,6 +16,7 @@ from liftq_cli.plan.report import (
     alternatives_table,
     assumption_lines,
     breakdown_table,
+    experts_table,
     mix_table,
     models_payload,
     models_table,
@@ -131,6 +132,9 @@ def plan(
         emit_json(payload)
         return
     console.print(breakdown_table(result))
+    experts = experts_table(result)
+    if experts is not None:
+        console.print(experts)
     if result.mixed:
         console.print(mix_table(result))
     console.print(alternatives_table(result))

@@ -16,6 +16,7 @@ import resource
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -151,9 +152,6 @@ def run_speed(
     return SpeedReport(model=results[0], reference=results[1] if len(results) > 1 else None)
 
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
 def planned_gpu_bytes(folder: Path, ctx: int, batch: int) -> int | None:
     """`liftq plan`'s GPU bytes for a packed folder at this ctx and batch, without the CUDA
     context (not in `max_memory_allocated`); None when `folder` is not a packed model."""
@@ -173,9 +171,15 @@ def planned_gpu_bytes(folder: Path, ctx: int, batch: int) -> int | None:
     layout = parse_embeddings(quant, str(path))
     arch = from_hf_config(config, str(folder), str(folder))
 
+    # (layer, kind) -> config, whatever module the kind sits in (self_attn, mlp, linear_attn);
+    # a kind the plan models but the file lacks takes the file's most common config
+    by_kind = {
+        (int(name.split(".")[2]), name.rpartition(".")[2]): cfg for name, cfg in layers.items()
+    }
+    common = Counter(layers.values()).most_common(1)[0][0]
+
     def config_for(spec):
-        block = "self_attn" if spec.kind in ATTENTION else "mlp"
-        return layers[f"model.layers.{spec.layer}.{block}.{spec.kind}"]
+        return by_kind.get((spec.layer, spec.kind), common)
 
     settings = MemorySettings(ctx=ctx, batch=batch, embed=layout.embed, lm_head=layout.lm_head)
     breakdown = model_breakdown(arch, config_for, settings)

@@ -1,13 +1,10 @@
-"""Model architectures for planning: the shapes of every linear, from a preset or a config.json.
+"""Model architectures for planning: from a preset, a local config.json or a hub id.
 
-An `Architecture` holds the few `config.json` fields that fix a decoder's memory: hidden and
-intermediate sizes, layers, attention heads, KV heads, head_dim, vocabulary, tied embeddings and
-experts. `linears(arch)` lists the weight matrices LiftQuant quantizes (q/k/v/o and the MLP, or
-every expert's MLP); everything else (embeddings, lm_head, norms, biases, routers) is counted
-apart so the memory model can price it at its own precision.
-
-Presets live in `presets/*.yaml` as the published `config.json` fields (so a preset and a
-downloaded config go through the same parser) with the publisher's parameter count.
+`resolve_architecture` turns `--model` into an `Architecture` (plan/shapes.py: the shapes of
+every linear and the parameter counts; plan/hf_config.py: the config.json reader). Presets live
+in `presets/*.yaml` as the published `config.json` fields (so a preset and a downloaded config
+go through the same parser) with the publisher's parameter count, and for a mixture of experts
+the publisher's active count per token.
 """
 
 from __future__ import annotations
@@ -26,218 +23,21 @@ from typing import Any
 import yaml
 
 from liftq_cli.errors import BadInputError, ResourceError
+from liftq_cli.plan.hf_config import from_hf_config as from_hf_config
+from liftq_cli.plan.shapes import ATTENTION_KINDS as ATTENTION_KINDS
+from liftq_cli.plan.shapes import LINEAR_KINDS as LINEAR_KINDS
+from liftq_cli.plan.shapes import MLP_KINDS as MLP_KINDS
+from liftq_cli.plan.shapes import SHARED_MLP_KINDS as SHARED_MLP_KINDS
+from liftq_cli.plan.shapes import Architecture as Architecture
+from liftq_cli.plan.shapes import LinearSpec as LinearSpec
+from liftq_cli.plan.shapes import active_param_count as active_param_count
+from liftq_cli.plan.shapes import embedding_params as embedding_params
+from liftq_cli.plan.shapes import layer_linears as layer_linears
+from liftq_cli.plan.shapes import linears as linears
+from liftq_cli.plan.shapes import other_params as other_params
+from liftq_cli.plan.shapes import param_count as param_count
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-ATTENTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_KINDS = ("gate_proj", "up_proj", "down_proj")
-SHARED_MLP_KINDS = ("shared_gate_proj", "shared_up_proj", "shared_down_proj")
-LINEAR_KINDS = ATTENTION_KINDS + MLP_KINDS + SHARED_MLP_KINDS
-"""Canonical linear names; MoE experts of one layer share their kind (`gate_proj` covers the
-gate linear of every expert: HF Mixtral calls them experts.N.w1/w3/w2)."""
-
-# model_type -> (norms per block, q/k RMSNorm per head, q/k/v bias, tied embeddings by default)
-_FAMILY_DEFAULTS: dict[str, tuple[int, bool, bool, bool]] = {
-    "llama": (2, False, False, False),
-    "mistral": (2, False, False, False),
-    "mixtral": (2, False, False, False),
-    "qwen2": (2, False, True, False),
-    "qwen2_moe": (2, False, True, False),
-    "qwen3": (2, True, False, False),
-    "qwen3_moe": (2, True, False, False),
-    "gemma": (2, False, False, True),
-    "gemma2": (4, False, False, True),
-    "gemma3_text": (4, True, False, True),
-    "gemma3": (4, True, False, True),
-}
-_REQUIRED = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "vocab_size",
-)
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """Decoder shapes that determine memory. Sizes are element counts, not bytes."""
-
-    name: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_embeddings: bool
-    num_experts: int = 0  # 0: dense MLP
-    experts_per_token: int = 0
-    moe_intermediate_size: int = 0
-    shared_expert_intermediate_size: int = 0
-    qkv_bias: bool = False
-    norms_per_layer: int = 2
-    qk_norm: bool = False
-    model_type: str = "llama"
-    max_position_embeddings: int = 0
-    published_params: int | None = None
-    source: str = "preset"
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
-
-@dataclass(frozen=True)
-class LinearSpec:
-    """One linear kind of one layer: `count` matrices of shape (out_features, in_features)."""
-
-    layer: int
-    kind: str
-    out_features: int
-    in_features: int
-    count: int = 1
-
-    @property
-    def name(self) -> str:
-        return f"layers.{self.layer}.{self.kind}"
-
-    @property
-    def params(self) -> int:
-        return self.out_features * self.in_features * self.count
-
-
-def layer_linears(arch: Architecture, layer: int) -> list[LinearSpec]:
-    """The quantized linears of decoder block `layer`, attention first."""
-    h = arch.hidden_size
-    specs = [
-        LinearSpec(layer, "q_proj", arch.q_dim, h),
-        LinearSpec(layer, "k_proj", arch.kv_dim, h),
-        LinearSpec(layer, "v_proj", arch.kv_dim, h),
-        LinearSpec(layer, "o_proj", h, arch.q_dim),
-    ]
-    if arch.is_moe:
-        inter, count = arch.moe_intermediate_size, arch.num_experts
-    else:
-        inter, count = arch.intermediate_size, 1
-    specs += [
-        LinearSpec(layer, "gate_proj", inter, h, count),
-        LinearSpec(layer, "up_proj", inter, h, count),
-        LinearSpec(layer, "down_proj", h, inter, count),
-    ]
-    if arch.shared_expert_intermediate_size:
-        shared = arch.shared_expert_intermediate_size
-        specs += [
-            LinearSpec(layer, "shared_gate_proj", shared, h),
-            LinearSpec(layer, "shared_up_proj", shared, h),
-            LinearSpec(layer, "shared_down_proj", h, shared),
-        ]
-    return specs
-
-
-def linears(arch: Architecture) -> list[LinearSpec]:
-    """Every quantized linear of the model, layer by layer."""
-    return [spec for layer in range(arch.num_layers) for spec in layer_linears(arch, layer)]
-
-
-def other_params(arch: Architecture) -> int:
-    """Parameters outside linears and embeddings, kept in fp16: norms, biases, MoE routers."""
-    h = arch.hidden_size
-    per_layer = arch.norms_per_layer * h
-    if arch.qk_norm:
-        per_layer += 2 * arch.head_dim
-    if arch.qkv_bias:
-        per_layer += arch.q_dim + 2 * arch.kv_dim
-    if arch.is_moe:
-        per_layer += arch.num_experts * h  # router
-    if arch.shared_expert_intermediate_size:
-        per_layer += h  # shared-expert gate (1 x hidden)
-    return arch.num_layers * per_layer + h  # + final norm
-
-
-def embedding_params(arch: Architecture) -> int:
-    return arch.vocab_size * arch.hidden_size
-
-
-def param_count(arch: Architecture) -> int:
-    """Total parameters as published: linears, embeddings, lm_head (unless tied) and the rest."""
-    lm_head = 0 if arch.tie_embeddings else embedding_params(arch)
-    linear = sum(spec.params for spec in linears(arch))
-    return linear + embedding_params(arch) + lm_head + other_params(arch)
-
-
-def _int_field(config: Mapping[str, Any], key: str, where: str) -> int:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BadInputError(f"{where}: '{key}' = {value!r} must be a positive integer")
-    return value
-
-
-def from_hf_config(
-    config: Mapping[str, Any],
-    name: str,
-    source: str,
-    published_params: int | None = None,
-) -> Architecture:
-    """Build an `Architecture` from the fields of a Hugging Face `config.json`.
-
-    Multimodal configs are read through their `text_config`. Missing optional fields take the
-    defaults of the model family (`model_type`), as transformers does.
-    """
-    text = config.get("text_config")
-    if isinstance(text, Mapping) and "hidden_size" in text:
-        config = {**{k: v for k, v in config.items() if k != "text_config"}, **text}
-    missing = [key for key in _REQUIRED if key not in config]
-    if missing:
-        raise BadInputError(
-            f"{source}: config.json lacks {', '.join(missing)}: pass a decoder-only LLM config"
-        )
-    model_type = str(config.get("model_type", "llama"))
-    norms, qk_norm, qkv_bias, tied = _FAMILY_DEFAULTS.get(model_type, (2, False, False, False))
-    hidden = _int_field(config, "hidden_size", source)
-    heads = _int_field(config, "num_attention_heads", source)
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
-    experts = config.get("num_local_experts") or config.get("num_experts") or 0
-    moe_inter = config.get("moe_intermediate_size") or config.get("intermediate_size")
-    bias = config.get("attention_bias")
-    arch = Architecture(
-        name=name,
-        hidden_size=hidden,
-        intermediate_size=_int_field(config, "intermediate_size", source),
-        num_layers=_int_field(config, "num_hidden_layers", source),
-        num_heads=heads,
-        num_kv_heads=int(kv_heads),
-        head_dim=int(head_dim),
-        vocab_size=_int_field(config, "vocab_size", source),
-        tie_embeddings=bool(config.get("tie_word_embeddings", tied)),
-        num_experts=int(experts),
-        experts_per_token=int(config.get("num_experts_per_tok") or 0),
-        moe_intermediate_size=int(moe_inter) if experts else 0,
-        shared_expert_intermediate_size=int(config.get("shared_expert_intermediate_size") or 0),
-        qkv_bias=qkv_bias if bias is None else bool(bias),
-        norms_per_layer=norms,
-        qk_norm=qk_norm,
-        model_type=model_type,
-        max_position_embeddings=int(config.get("max_position_embeddings") or 0),
-        published_params=published_params,
-        source=source,
-    )
-    if arch.num_heads % arch.num_kv_heads:
-        raise BadInputError(
-            f"{source}: num_attention_heads={heads} is not a multiple of "
-            f"num_key_value_heads={kv_heads}: check the config.json"
-        )
-    return arch
 
 
 @dataclass(frozen=True)
@@ -249,6 +49,8 @@ class Preset:
     aliases: tuple[str, ...]
     published_params: int
     config: Mapping[str, Any]
+    published_active_params: int | None = None  # MoE: the publisher's count per token
+    active_counts_embedding: bool = True  # whether that count includes the embedding table
 
     def architecture(self) -> Architecture:
         return from_hf_config(self.config, self.name, f"preset {self.name}", self.published_params)
@@ -269,6 +71,12 @@ def presets() -> dict[str, Preset]:
                 aliases=tuple(item.get("aliases", ())),
                 published_params=int(item["published_params"]),
                 config=item["config"],
+                published_active_params=(
+                    int(item["published_active_params"])
+                    if "published_active_params" in item
+                    else None
+                ),
+                active_counts_embedding=bool(item.get("active_counts_embedding", True)),
             )
             found[preset.name] = preset
     return found

@@ -15,10 +15,11 @@ the closed formula lives in `liftq_cli.io.packed_format` (the module that define
 The embedding and lm_head are priced from the tensors `liftq pack --embed/--lm-head` writes
 (`io.embedding_format`: fp16 2 r c, int8 r c + 2 r, int4 r ceil(c/2) + 2 r ceil(c/128) for
 r = vocab, c = hidden; `host` keeps the fp16 table in host RAM, 0 bytes on the GPU; a tied
-pair at one precision is stored once). Everything else is priced by `MemorySettings`: norms
-and biases at fp16, the KV cache for ctx x batch at
-kv_bits, and a runtime overhead (CUDA context, workspaces, prefill activations). All sizes are
-bytes (int); all functions are pure.
+pair at one precision is stored once). Everything else is priced by `MemorySettings`: norms,
+biases and routers at fp16, the KV cache for ctx x batch at kv_bits (plus the fixed state of
+linear-attention layers), and a runtime overhead (CUDA context, workspaces, prefill
+activations). A mixture of experts is priced with every expert resident. All sizes are bytes
+(int); all functions are pure.
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ ASSUMPTION_NOTES: dict[str, str] = {
     "in its 2-bit mixes), int4 with one fp16 scale per 128 weights; fp16 is the unquantized "
     "choice; `liftq pack --lm-head` writes the same choice. A tied lm_head at the embedding's "
     "precision is stored once (under embed); at another precision it is a separate copy",
-    "kv_cache": "every layer caches the full ctx (sliding-window layers are not trimmed); "
-    "kv_bits < 16 adds one fp16 scale per head and token",
+    "kv_cache": "every attention layer caches the full ctx (sliding-window layers are not "
+    "trimmed); kv_bits < 16 adds one fp16 scale per head and token; latent attention "
+    "(DeepSeek-V3) caches its kv latent and rope key; linear-attention layers keep a fixed "
+    "fp16 state per sequence instead (linear_state)",
     "cuda_context": "an estimate, not measured by liftq: the memory a torch + cuBLAS + "
     "Triton process holds outside the caching allocator is typically 0.5 to 1 GiB, by GPU, "
     "driver and CUDA version; read yours from nvidia-smi after one forward and pass "
@@ -146,10 +149,29 @@ def matrix_bytes(rows: int, cols: int, precision: str) -> int:
 
 
 def kv_cache_bytes(arch: Architecture, ctx: int, batch: int, kv_bits: int) -> int:
-    """K and V of every layer for `batch` sequences of `ctx` tokens at `kv_bits` per element."""
-    elements = 2 * arch.num_layers * batch * ctx * arch.kv_dim
-    scales = 0 if kv_bits == 16 else 2 * arch.num_layers * batch * ctx * arch.num_kv_heads * FP16
+    """K and V of every attention layer for `batch` sequences of `ctx` tokens at `kv_bits`.
+
+    Latent attention (DeepSeek-V3) caches its compressed kv latent and the shared rope key,
+    as transformers does (kv_lora_rank + qk_rope_head_dim per token, two one-head tensors);
+    linear-attention layers cache no K/V (`linear_state_bytes`).
+    """
+    layers = arch.attention_layers
+    if arch.latent is not None:
+        per_token, heads = arch.latent.kv_lora_rank + arch.latent.qk_rope_head_dim, 2
+    else:
+        per_token, heads = 2 * arch.kv_dim, 2 * arch.num_kv_heads
+    elements = layers * batch * ctx * per_token
+    scales = 0 if kv_bits == 16 else layers * batch * ctx * heads * FP16
     return elements * kv_bits // 8 + scales
+
+
+def linear_state_bytes(arch: Architecture, batch: int) -> int:
+    """Gated DeltaNet layers: an fp16 convolution window and recurrent state per sequence,
+    whatever the context length."""
+    lin = arch.linear_attention
+    if lin is None:
+        return 0
+    return FP16 * batch * (arch.num_layers - arch.attention_layers) * lin.state_elements
 
 
 def activation_bytes(arch: Architecture, chunk: int, batch: int) -> int:
@@ -159,13 +181,13 @@ def activation_bytes(arch: Architecture, chunk: int, batch: int) -> int:
     active experts for MoE), one decode scratch the size of the widest input, and the fp32
     logits of the last position.
     """
+    inter = arch.intermediate_size if arch.moe_layers < arch.num_layers else 0
     if arch.is_moe:
-        inter = arch.moe_intermediate_size * max(1, arch.experts_per_token)
-        inter += arch.shared_expert_intermediate_size
-    else:
-        inter = arch.intermediate_size
+        routed = arch.moe_intermediate_size * max(1, arch.experts_per_token)
+        inter = max(inter, routed + arch.shared_expert_intermediate_size)
     h = arch.hidden_size
-    width = 2 * h + arch.q_dim + 2 * arch.kv_dim + arch.q_dim + 3 * inter + max(h, inter)
+    q_out = arch.q_dim * (2 if arch.attn_output_gate else 1)
+    width = 2 * h + q_out + 2 * arch.kv_dim + arch.q_dim + 3 * inter + max(h, inter)
     return FP16 * batch * chunk * width + 4 * batch * arch.vocab_size
 
 
@@ -251,6 +273,8 @@ def fixed_bytes(arch: Architecture, settings: MemorySettings) -> dict[str, int]:
         "norms_biases": FP16 * _other_params(arch),
         "kv_cache": kv_cache_bytes(arch, settings.ctx, settings.batch, settings.kv_bits),
     }
+    if arch.linear_attention is not None:
+        parts["linear_state"] = linear_state_bytes(arch, settings.batch)
     if settings.overhead_bytes is not None:
         parts["overhead"] = settings.overhead_bytes
     else:

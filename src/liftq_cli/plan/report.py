@@ -10,8 +10,20 @@ from typing import Any
 
 from rich.table import Table
 
-from liftq_cli.plan.architectures import Architecture, Preset, linears, param_count, presets
-from liftq_cli.plan.memory import ASSUMPTION_NOTES, format_bytes, settings_assumptions
+from liftq_cli.plan.architectures import (
+    Architecture,
+    Preset,
+    active_param_count,
+    linears,
+    param_count,
+    presets,
+)
+from liftq_cli.plan.memory import (
+    ASSUMPTION_NOTES,
+    format_bytes,
+    packed_linear_bytes,
+    settings_assumptions,
+)
 from liftq_cli.plan.solver import Plan
 
 
@@ -33,6 +45,7 @@ def _labels(plan: Plan) -> dict[str, str]:
         "lm_head": f"lm_head ({lm_head})",
         "norms_biases": "norms, biases, routers (fp16)",
         "kv_cache": f"KV cache (ctx {s.ctx} x batch {s.batch}, {kv})",
+        "linear_state": f"linear-attention state (batch {s.batch}, fp16)",
         "cuda_context": "CUDA context",
         "workspace": "workspaces + allocator slack",
         "activations": f"activations (prefill chunk {min(s.prefill_chunk, s.ctx)})",
@@ -66,6 +79,73 @@ def breakdown_table(plan: Plan) -> Table:
     head = plan.headroom_bytes
     table.add_row(f"[{color}]headroom[/]", f"[{color}]{head:,}[/]", f"{head / 1e9:.3f}", "")
     return table
+
+
+def experts_summary(plan: Plan) -> dict[str, Any] | None:
+    """A mixture of experts' routing and parameter counts (None for a dense model).
+
+    Every expert is resident on the GPU, so the memory above prices them all; `active_params`
+    is what one token runs through (embeddings counted, see `active_param_count`).
+    """
+    arch = plan.arch
+    if not arch.is_moe:
+        return None
+    routed = [spec for spec in linears(arch) if spec.routed]
+    packed = sum(
+        sum(packed_linear_bytes(s.out_features, s.in_features, plan.config_for(s)).values())
+        * s.count
+        for s in routed
+    )
+    return {
+        "num_experts": arch.num_experts,
+        "experts_per_token": arch.experts_per_token,
+        "shared_expert_intermediate_size": arch.shared_expert_intermediate_size,
+        "moe_layers": arch.moe_layers,
+        "dense_layers": list(arch.dense_layers),
+        "routed_expert_params": sum(spec.params for spec in routed),
+        "routed_expert_bytes": packed,
+        "total_params": param_count(arch),
+        "active_params": active_param_count(arch),
+    }
+
+
+def experts_table(plan: Plan) -> Table | None:
+    """Experts of an MoE model: how many, how many run per token, total vs active params."""
+    info = experts_summary(plan)
+    if info is None:
+        return None
+    arch = plan.arch
+    table = Table(title="experts (every expert resident on the GPU, priced above)")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("routed experts per MoE block", str(info["num_experts"]))
+    table.add_row("routed experts per token", str(info["experts_per_token"]))
+    shared = info["shared_expert_intermediate_size"]
+    table.add_row("shared expert (every token)", f"width {shared}" if shared else "none")
+    dense = f" (dense: {_ranges(arch.dense_layers)})" if arch.dense_layers else ""
+    table.add_row("MoE blocks", f"{info['moe_layers']} of {arch.num_layers}{dense}")
+    share = info["routed_expert_params"] / sum(spec.params for spec in linears(arch))
+    table.add_row(
+        "routed expert weights",
+        f"{info['routed_expert_params'] / 1e9:.2f}B params, "
+        f"{format_bytes(info['routed_expert_bytes'])} packed ({100 * share:.1f}% of linears)",
+    )
+    table.add_row("parameters, total (all experts)", f"{info['total_params'] / 1e9:.2f}B")
+    table.add_row(
+        "parameters, active per token", f"{info['active_params'] / 1e9:.2f}B (embeddings counted)"
+    )
+    return table
+
+
+def _ranges(layers: tuple[int, ...]) -> str:
+    """'0-2, 5' for (0, 1, 2, 5)."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][1] + 1:
+            runs[-1][1] = layer
+        else:
+            runs.append([layer, layer])
+    return ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
 def alternatives_table(plan: Plan) -> Table:
@@ -161,6 +241,7 @@ def plan_payload(
         "model_ref": model_ref,
         "source": plan.arch.source,
         "params": param_count(plan.arch),
+        "active_params": active_param_count(plan.arch),
         "config": config_label(plan),
         "bits": round(plan.bits, 6),
         "mixed": plan.mixed,
@@ -180,6 +261,9 @@ def plan_payload(
         ],
         "assumptions": assumptions(plan, vram_text, sensitivity),
     }
+    experts = experts_summary(plan)
+    if experts is not None:
+        payload["experts"] = experts
     if plan.mixed:
         payload["configs"] = {name: cfg.name for name, cfg in plan.assignment.items()}
     return payload
@@ -192,6 +276,8 @@ def _row(preset: Preset, arch: Architecture) -> dict[str, Any]:
         "hf_id": preset.hf_id,
         "params": param_count(arch),
         "published_params": preset.published_params,
+        "active_params": active_param_count(arch),
+        "published_active_params": preset.published_active_params,
         "layers": arch.num_layers,
         "hidden_size": arch.hidden_size,
         "experts": arch.num_experts,

@@ -14,7 +14,9 @@ never below the best uniform level.
 
 Sensitivities come from a file (`parse_sensitivity`) or the documented prior
 (`prior_sensitivity`): v_proj and down_proj weigh 2x, o_proj 1.25x, and the first and last
-blocks 2x, the other blocks within 10% of either end 1.5x.
+blocks 2x, the other blocks within 10% of either end 1.5x. Kinds the table does not name
+(Phi-3's fused qkv_proj / gate_up_proj, latent attention's q_a/q_b/kv_a/kv_b, linear
+attention's in_proj_* / out_proj) weigh 1.0: no measurement backs another number.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from liftq_cli.plan.memory import (
     uniform,
 )
 
-KIND_PRIOR: dict[str, float] = {
+KIND_PRIOR: dict[str, float] = {  # a kind not listed: 1.0
     "q_proj": 1.0,
     "k_proj": 1.0,
     "v_proj": 2.0,

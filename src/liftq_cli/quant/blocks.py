@@ -31,6 +31,16 @@ from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant.block_correction import CorrectableLinear, correct_block
 from liftq_cli.quant.costmodel import assign
+from liftq_cli.quant.decoder import (
+    LAYERS,
+    LayerCall,
+    embed,
+    find_layers,
+    layer_calls,
+    load_backbone,
+    refusal,
+    release_backbone,
+)
 from liftq_cli.quant.device import stream_home, to_home
 from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.events import BlockDone, BlockReport, Progress
@@ -46,7 +56,6 @@ from liftq_cli.quant.reconstruct import QuantizedLinear
 from liftq_cli.quant.whitening import fit_whitening
 from liftq_cli.quantize_job import QuantizeSettings
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
 JOB_VERSION = 1
 ConfigFor = Callable[[int, str], LatticeConfig]
 Matrices = Callable[[LatticeConfig], torch.Tensor]
@@ -54,17 +63,31 @@ RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def build_skeleton(folder: Path):
-    """The model on the meta device (no memory), with SDPA causal attention."""
+    """The model on the meta device (no memory), with SDPA causal attention; a decoder that
+    quant/decoder.py cannot handle yet is refused by name, before any weight is read."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in SUPPORTED:
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
         raise BadInputError(
-            f"architecture '{config.model_type}' is not supported by liftq quantize: "
-            f"supported are {', '.join(SUPPORTED)}"
-        )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            f"transformers cannot read the config in '{folder}' ({first}): pass a model "
+            "folder whose config.json transformers knows"
+        ) from None
+    reason = refusal(config)
+    if reason is not None:
+        raise BadInputError(f"architecture {reason}")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise BadInputError(
+            f"architecture '{config.model_type}' has no causal language model in transformers "
+            f"({first}): liftq quantize reads decoder-only models"
+        ) from None
+    find_layers(model, config.num_hidden_layers)  # refuses a model without the usual layout
     return config, model
 
 
@@ -98,17 +121,27 @@ def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
 
 
 def _forward(
-    block, hidden, position_embeddings, batch: int, device: torch.device | None = None
+    block, hidden, call: LayerCall, batch: int, device: torch.device | None = None
 ) -> torch.Tensor:
     """The block's output for hidden [n, seq, h], `batch` windows at a time on `device` (the
-    block's; default: hidden's), returned where `hidden` lives (GPU or pinned host)."""
+    block's; default: hidden's), called as the model calls it (`call`), returned where
+    `hidden` lives (GPU or pinned host)."""
     device = hidden.device if device is None else device
     outs = []
     for start in range(0, hidden.shape[0], batch):
         x = hidden[start : start + batch].to(device, non_blocking=True)
-        out = block(x, position_embeddings=position_embeddings)
+        out = block(x, *call.args, **call.kwargs)
         outs.append((out[0] if isinstance(out, tuple) else out).to(hidden.device))
     return torch.cat(outs)
+
+
+def block_runner(call: LayerCall, batch: int, device: torch.device | None = None) -> RunBlock:
+    """run(block, hidden): one block's forward over windows, as the model calls it."""
+
+    def run(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return _forward(block, hidden, call, batch, device)
+
+    return run
 
 
 def quantize_block(
@@ -267,33 +300,24 @@ def quantize_blocks(
                 job_version=JOB_VERSION,
             )
         )
-    backbone = skeleton.model
-    with torch.device(device):  # transformers builds inv_freq on the default device
-        rotary = type(backbone.rotary_emb)(config=config)
+    layers = find_layers(skeleton, config.num_hidden_layers)
+    backbone = load_backbone(skeleton, reader, device)
     seqlen = calib_ids.shape[1]
-    with torch.no_grad():
-        probe = torch.zeros(1, seqlen, config.hidden_size, device=device)
-        position_embeddings = rotary(probe, torch.arange(seqlen, device=device).unsqueeze(0))
+    calls = layer_calls(backbone, layers, seqlen)
     batch = settings.correction.batch
     held = calib_ids.shape[0] if whole else team.counts[ranks.rank]
     stream_bytes = held * seqlen * config.hidden_size * 4
     # keep room for a block's weights, Grams and correction state (a rough 16 x weights)
-    reserve = 16 * 4 * sum(p.numel() for p in backbone.layers[0].parameters())
+    reserve = 16 * 4 * sum(p.numel() for p in layers[0].parameters())
     home = stream_home(device, stream_bytes, reserve)
-
-    def run(block, hidden):
-        return _forward(block, hidden, position_embeddings, batch, device)
 
     start_layer = ranks.broadcast_object(work.done() if ranks.root else None)
     if start_layer == 0:
         ids = calib_ids if whole else calib_ids[team.rows()]
-        embed = reader.get("model.embed_tokens.weight").float()
-        hidden = nn.functional.embedding(ids, embed)
-        if config.model_type.startswith("gemma"):
-            hidden = hidden * torch.tensor(config.hidden_size**0.5, dtype=hidden.dtype)
+        hidden = embed(backbone, layers, ids, batch)
         fp_stream = to_home(hidden, home, device)
         q_stream = fp_stream.clone() if settings.sequential else fp_stream
-        del embed, hidden
+        del hidden
     elif farm:  # the full-precision stream, on every rank
         stream = work.load_streams()[0] if ranks.root else None
         shape = (calib_ids.shape[0], seqlen, config.hidden_size)
@@ -308,14 +332,16 @@ def quantize_blocks(
             shard = ranks.scatter_rows(stream, team.counts, shape, torch.float32)
             held_streams.append(to_home(stream if ranks.root else shard, home, device))
         fp_stream, q_stream = held_streams
+    release_backbone(backbone)  # the blocks need only their calls from here on
     reports: list[BlockReport] = []
     for layer in range(config.num_hidden_layers):
         if layer < start_layer:
             if ranks.root:
                 reports.append(BlockReport(**work.block_report(layer)))
             continue
-        block = backbone.layers[layer]
-        load_block(block, reader, f"model.layers.{layer}.", device)
+        block = layers[layer]
+        load_block(block, reader, f"{LAYERS}.{layer}.", device)
+        run = block_runner(calls[layer], batch, device)
         block.eval()
         with torch.no_grad():
             targets = team.gather(run(block, team.local(fp_stream)))

@@ -27,10 +27,11 @@ def decoder_linears(model: nn.Module) -> dict[LinearKey, nn.Linear]:
     """Every nn.Linear inside the decoder blocks of a transformers causal LM (also a model on
     the meta device), keyed (layer, kind)."""
     from liftq_cli.quant.blocks import linear_kinds
+    from liftq_cli.quant.decoder import find_layers
 
     return {
         (layer, name.rpartition(".")[2]): module
-        for layer, block in enumerate(model.model.layers)
+        for layer, block in enumerate(find_layers(model, model.config.num_hidden_layers))
         for name, module in linear_kinds(block).items()
     }
 
