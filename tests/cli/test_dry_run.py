@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from tests.helpers import assert_one_line_error
+
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.architectures import resolve_architecture
 from liftq_cli.quant.preflight import plan
@@ -73,3 +76,10 @@ def test_a_real_run_is_refused_by_its_preflight_before_any_block(
         if (tmp_path / ".q.work").exists()
         else True
     )
+
+
+@pytest.mark.parametrize("model", ["mixtral-8x7b", "qwen3-moe-30b-a3b"])
+def test_dry_run_of_a_mixture_of_experts_preset_gives_the_real_runs_refusal(cli, tmp_path, model):
+    result = cli("quantize", model, "--bits", "2.4", "--out", str(tmp_path / "q"), "--dry-run")
+    assert_one_line_error(result, "is a mixture-of-experts model", "experts per layer")
+    assert list(tmp_path.iterdir()) == []

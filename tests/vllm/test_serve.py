@@ -10,6 +10,9 @@ completion requests on 127.0.0.1 with the tokens and logprobs of the transformer
   configs (code rows of different widths), int4 embedding and lm_head stored once (tied), and
   4 ranks over 2 kv heads (vLLM replicates each kv head on two ranks). Its random weights make
   greedy ties likely, so it is checked on `prompt_logprobs` of a fixed sequence instead.
+* tiny Gemma 3 and Gemma 4 (sliding and full layers) and Phi-3, whose file stores `qkv_proj`
+  and `gate_up_proj` fused where vLLM merges parts (on 4 ranks: each rank's q, k and v rows
+  gathered from the one fused tensor), checked the same way.
 
 Needs `make vllm-setup` (.venv-vllm). Without it the tests skip locally; under CI (`CI` or
 `LIFTQ_REQUIRE_VLLM` set, as .ci/run does) they fail.
@@ -196,25 +199,62 @@ def transformers_prompt_logprobs(folder: Path, ids: list[int]) -> list[float]:
     return logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
 
 
+def served_prompt_logprobs(packed: Path, log: Path, ids: list[int], ranks: int) -> list[float]:
+    with vllm_server(packed, log, tensor_parallel=ranks, max_model_len=128) as server:
+        reply = server.post(
+            "/v1/completions",
+            {"model": server.model, "prompt": ids, "max_tokens": 1, "temperature": 0,
+             "prompt_logprobs": 0},
+        )  # fmt: skip
+    assert server.stop_seconds is not None and server.stop_seconds < 60
+    entries = reply["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None  # the first token has no context
+    return [entry[str(token)]["logprob"] for entry, token in zip(entries[1:], ids[1:], strict=True)]
+
+
+OTHER_DECODERS = [("gemma3_text", 1), ("gemma4_text", 2), ("phi3", 4)]  # (model_type, ranks)
+
+
+@pytest.mark.parametrize(("model_type", "ranks"), OTHER_DECODERS)
+def test_vllm_serves_other_decoders_like_transformers(tmp_path, model_type, ranks):
+    from tests.quant.test_encode import brute_force_encode, tiny_matrix
+    from tests.quant.tiny_decoders import SUPPORTED, save_tiny
+    from tests.runtime.tiny_packed import one_thread, save_tokenizer
+
+    from liftq_cli.io.packed import pack_quantized
+    from liftq_cli.io.quantized import write_quantized
+    from liftq_cli.io.workdir import WorkDir
+    from liftq_cli.lattice_config import LatticeConfig
+    from liftq_cli.quant.blocks import quantize_blocks
+    from liftq_cli.quantize_job import CorrectionConfig, QuantizeSettings
+
+    cfg, matrix = LatticeConfig(8, 4), tiny_matrix(8, 4)
+    # head_dim 32: vLLM's CPU attention has no kernel for the unit tests' 16
+    fp = save_tiny(tmp_path / "fp", model_type, {**SUPPORTED[model_type], "head_dim": 32})
+    save_tokenizer(fp)
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    settings = QuantizeSettings(whiten_steps=0, correction=CorrectionConfig(steps=0))
+    work, quant, packed = tmp_path / "work", tmp_path / "quant", tmp_path / "packed"
+    with one_thread():
+        quantize_blocks(
+            fp, lambda *_: cfg, ids, WorkDir(work), lambda _c: matrix, brute_force_encode,
+            settings, {"t": model_type},
+        )  # fmt: skip
+        write_quantized(fp, WorkDir(work), quant, 2, lambda _c: matrix, {}, "")
+    pack_quantized(quant, packed, embed="fp16", lm_head="fp16")
+    prompt = torch.randint(3, 64, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    reference = transformers_prompt_logprobs(packed, prompt)
+    served = served_prompt_logprobs(packed, tmp_path / "serve.log", prompt, ranks)
+    diff = max(abs(a - b) for a, b in zip(served, reference, strict=True))
+    assert diff < LOGPROB_TOL, f"{model_type}: prompt logprobs differ by {diff:.2e} nats"
+
+
 def test_vllm_serves_mixed_widths_int4_tied_on_four_ranks(tmp_path):
     packed = build_tiny(tmp_path)
     qc = json.loads((packed / "config.json").read_text())["quantization_config"]
     assert (qc["embed"], qc["lm_head"], qc["tied"]) == ("int4", "int4", True)
     ids = torch.randint(2, 64, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     reference = transformers_prompt_logprobs(packed, ids)
-    with vllm_server(
-        packed, tmp_path / "serve.log", tensor_parallel=4, max_model_len=128
-    ) as server:
-        reply = server.post(
-            "/v1/completions",
-            {"model": server.model, "prompt": ids, "max_tokens": 1, "temperature": 0,
-             "prompt_logprobs": 0},
-        )  # fmt: skip
-    entries = reply["choices"][0]["prompt_logprobs"]
-    assert entries[0] is None  # the first token has no context
-    served = [
-        entry[str(token)]["logprob"] for entry, token in zip(entries[1:], ids[1:], strict=True)
-    ]
+    served = served_prompt_logprobs(packed, tmp_path / "serve.log", ids, 4)
     diff = max(abs(a - b) for a, b in zip(served, reference, strict=True))
     assert diff < LOGPROB_TOL, f"prompt logprobs differ by {diff:.2e} nats"
-    assert server.stop_seconds is not None and server.stop_seconds < 60

@@ -14,7 +14,7 @@ import torch
 import liftq_kernels.custom_op  # noqa: F401  (torch.ops.liftq.linear)
 from liftq_cli.io.packed_format import code_bits, whitening_factors, words_per_row
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.vllm.sharding import column_rows, word_ranges
+from liftq_cli.vllm.sharding import column_rows, fused_rows, word_ranges
 from liftq_kernels.ops import liftq_linear
 from liftq_kernels.reference import ROW_ALIGN_WORDS, pack_interleaved
 
@@ -157,3 +157,11 @@ def test_custom_op_matches_the_python_call_and_traces_as_one_node():
 
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")  # a graph break fails
     assert torch.equal(compiled(x), layer(x))
+
+
+def test_fused_rows_take_each_segments_shard_in_order():
+    # a fused q|k|v of 8 + 2 + 2 rows on 4 ranks with 1 kv head pair: q splits 4 ways, every
+    # kv row sits on two ranks
+    shards = [fused_rows([2, 1, 1], [8, 2, 2], rank, [1, 2, 2]) for rank in range(4)]
+    assert shards == [[0, 1, 8, 10], [2, 3, 8, 10], [4, 5, 9, 11], [6, 7, 9, 11]]
+    assert fused_rows([4, 4], [4, 4], 0, [1, 1]) == list(range(8))  # one rank: everything

@@ -45,11 +45,7 @@ def refusal(config: Any) -> str | None:
             "liftq quantize reads text-only decoders; pass a text-only checkpoint of the model"
         )
     if experts:
-        return (
-            f"'{kind}' is a mixture-of-experts model ({experts} experts per layer): liftq "
-            "quantize does not yet calibrate experts one by one; the dense models of the "
-            "family are supported"
-        )
+        return moe_refusal(kind, experts)
     if getattr(config, "hidden_size_per_layer_input", 0):
         return (
             f"'{kind}' feeds every block a per-token side input (per-layer embeddings, "
@@ -62,6 +58,14 @@ def refusal(config: Any) -> str | None:
             "keys and values, so its blocks cannot be quantized one at a time"
         )
     return None
+
+
+def moe_refusal(kind: str, experts: int) -> str:
+    return (
+        f"'{kind}' is a mixture-of-experts model ({experts} experts per layer): liftq "
+        "quantize does not yet calibrate experts one by one; the dense models of the "
+        "family are supported"
+    )
 
 
 def _experts(config: Any) -> int:
@@ -174,7 +178,9 @@ def _probe(base: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, stop: int)
 def layer_calls(base: nn.Module, layers: nn.ModuleList, seqlen: int) -> list[LayerCall]:
     """What the model passes each block besides the hidden states, for windows of `seqlen`
     tokens (recorded from one window; it broadcasts over any batch)."""
-    seen = _probe(base, layers, torch.zeros(1, seqlen, dtype=torch.long), len(layers) - 1)
+    device = next(base.parameters()).device
+    probe = torch.zeros(1, seqlen, dtype=torch.long, device=device)
+    seen = _probe(base, layers, probe, len(layers) - 1)
     missing = [i for i in range(len(layers)) if i not in seen]
     assert not missing, f"the model's forward never called blocks {missing}"
     return [seen[i][1] for i in range(len(layers))]

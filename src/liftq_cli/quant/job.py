@@ -34,6 +34,7 @@ from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.plan.architectures import Architecture, from_hf_config
 from liftq_cli.quant import preflight
 from liftq_cli.quant.blocks import build_skeleton, quantize_blocks
+from liftq_cli.quant.decoder import moe_refusal
 from liftq_cli.quant.device import precision, resolve_device
 from liftq_cli.quant.events import PreflightReady, Progress
 from liftq_cli.quant.finetune_stage import finetune_stage, finetune_windows
@@ -231,6 +232,10 @@ def dry_run(job: QuantizeJob, world: int = 1) -> preflight.Preflight:
     arch = resolve_architecture(spec)
     config = Path(spec) / "config.json"
     fields = json.loads(config.read_text()) if config.is_file() else {}
+    if config.is_file():
+        build_skeleton(Path(spec))  # refuses what a real run would, from the config alone
+    elif arch.is_moe:  # a preset: the same refusal a real run of that model gives
+        raise BadInputError(f"architecture {moe_refusal(arch.model_type, arch.num_experts)}")
     return preflight.plan(job, arch, world, dtype_bytes=_dtype_bytes(fields))
 
 

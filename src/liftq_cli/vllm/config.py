@@ -146,6 +146,9 @@ class LiftQuantVllmConfig(QuantizationConfig):
     def _linear_method(self, prefix: str) -> QuantizeMethodBase:
         from liftq_cli.vllm.linear import LiftQuantLinearMethod
 
+        if prefix in self.layers:  # one linear in the file (a merged layer: stored fused,
+            # as Phi-3's qkv_proj and gate_up_proj are)
+            return LiftQuantLinearMethod(self, [self.layers[prefix]], prefix, fused=True)
         names = self.original_names(prefix)
         found = [self.layers.get(name) for name in names]
         if all(cfg is None for cfg in found):

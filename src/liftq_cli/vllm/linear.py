@@ -32,7 +32,7 @@ import liftq_kernels.custom_op  # noqa: F401  (registers torch.ops.liftq.linear)
 from liftq_cli.io.packed import TORCH_DTYPES
 from liftq_cli.io.packed_format import linear_tensors, words_per_row
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.vllm.sharding import column_rows, word_ranges
+from liftq_cli.vllm.sharding import column_rows, fused_rows, word_ranges
 from liftq_kernels.reference import signed_hadamard
 
 QKV_SHARDS = {"q": 0, "k": 1, "v": 2}
@@ -60,15 +60,19 @@ class Plan:
     gather: bool  # row-parallel over several ranks: all-gather the input before the lift
     rank: int
     kv_replicas: int
+    # a checkpoint linear vLLM would merge but the file stores fused (Phi-3's qkv_proj): one
+    # part whose rows on this rank are these rows of the file's tensor; None otherwise
+    fused: tuple[int, ...] | None = None
 
 
 class LiftQuantLinearMethod(LinearMethodBase):
     """A LiftQuant linear method for one vLLM layer (its original linears' lattice configs)."""
 
-    def __init__(self, qconfig, cfgs: list[LatticeConfig], prefix: str = ""):  # type: ignore[no-untyped-def]
+    def __init__(self, qconfig, cfgs: list[LatticeConfig], prefix: str = "", fused: bool = False):  # type: ignore[no-untyped-def]
         self.qconfig = qconfig
         self.cfgs = cfgs
         self.prefix = prefix
+        self.fused = fused  # one checkpoint linear behind all of vLLM's merged parts
 
     def create_weights(
         self,
@@ -81,13 +85,22 @@ class LiftQuantLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         del output_size, params_dtype, extra_weight_attrs  # the layout is the packed file's
+        fused_rows_here = None
+        tp_rank, tp_size = int(getattr(layer, "tp_rank", 0)), int(getattr(layer, "tp_size", 1))
+        replicas = int(getattr(layer, "num_kv_head_replicas", 1))
+        if self.fused and len(output_partition_sizes) > 1:
+            sizes = list(output_partition_sizes)
+            # q (or a plain merged part) is split over the ranks; k and v over rank groups
+            reps = [1] + [replicas] * (len(sizes) - 1) if len(sizes) == 3 else [1] * len(sizes)
+            full = [size * tp_size // rep for size, rep in zip(sizes, reps, strict=True)]
+            fused_rows_here = tuple(fused_rows(sizes, full, tp_rank, reps))
+            output_partition_sizes = [sum(sizes)]
         if len(output_partition_sizes) != len(self.cfgs):
             raise ValueError(
                 f"liftquant: layer has {len(output_partition_sizes)} parts, the config "
                 f"{len(self.cfgs)}"
             )
         n = input_size
-        tp_rank, tp_size = int(getattr(layer, "tp_rank", 0)), int(getattr(layer, "tp_size", 1))
         row_split = isinstance(layer, RowParallelLinear) and input_size_per_partition != n
         parts, start = [], 0
         for cfg, rows in zip(self.cfgs, output_partition_sizes, strict=True):
@@ -100,7 +113,8 @@ class LiftQuantLinearMethod(LinearMethodBase):
             n,
             gather=row_split and tp_size > 1,
             rank=tp_rank,
-            kv_replicas=int(getattr(layer, "num_kv_head_replicas", 1)),
+            kv_replicas=replicas,
+            fused=fused_rows_here,
         )
         layer.liftq_plan = plan
         specs = linear_tensors(1, n, self.cfgs[0])  # whitening shapes depend on n only
@@ -126,10 +140,14 @@ class LiftQuantLinearMethod(LinearMethodBase):
             part = plan.parts[index]
             param.liftq_loaded.add(index)
             if name in ("qweight", "qscale"):
-                replicas = plan.kv_replicas if shard_id in ("k", "v") else 1
-                r0, r1 = column_rows(loaded.shape[0], part.rows, plan.rank, replicas)
                 rows = slice(part.row_start, part.row_start + part.rows)
-                src = loaded[r0:r1]
+                if plan.fused is not None:
+                    _check(loaded.shape[0] > max(plan.fused), name, loaded, part.rows)
+                    src = loaded[list(plan.fused)]
+                else:
+                    replicas = plan.kv_replicas if shard_id in ("k", "v") else 1
+                    r0, r1 = column_rows(loaded.shape[0], part.rows, plan.rank, replicas)
+                    src = loaded[r0:r1]
                 if name == "qweight":
                     _check(src.shape[1] == part.total_words, name, loaded, part.total_words)
                     src = src[:, part.word_start : part.word_start + part.words]

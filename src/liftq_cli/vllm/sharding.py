@@ -55,3 +55,17 @@ def column_rows(full_rows: int, local_rows: int, rank: int, replicas: int = 1) -
             f"of a matrix with {full_rows}"
         )
     return start, start + local_rows
+
+
+def fused_rows(
+    local_sizes: list[int], full_sizes: list[int], rank: int, replicas: list[int]
+) -> list[int]:
+    """This rank's rows of a checkpoint linear that is already fused (Phi-3's `qkv_proj`:
+    q, k and v stacked), which vLLM shards segment by segment: every segment j of
+    `full_sizes[j]` rows gives its column shard of `local_sizes[j]` rows, in segment order."""
+    rows, offset = [], 0
+    for local, full, rep in zip(local_sizes, full_sizes, replicas, strict=True):
+        start, stop = column_rows(full, local, rank, rep)
+        rows.extend(range(offset + start, offset + stop))
+        offset += full
+    return rows
