@@ -16,13 +16,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.weights import WeightReader
+
+if TYPE_CHECKING:
+    from liftq_cli.plan.architectures import Architecture
 
 LAYERS = "model.layers"  # where every transformers *ForCausalLM keeps its text decoder blocks
 
@@ -58,6 +62,17 @@ def refusal(config: Any) -> str | None:
             "keys and values, so its blocks cannot be quantized one at a time"
         )
     return None
+
+
+def check_supported(folder: Path | None, arch: Architecture) -> None:
+    """Refuse, from the config alone, what the block stage would refuse: the model folder's
+    architecture (`blocks.build_skeleton`), or for a preset (folder None) its experts."""
+    from liftq_cli.quant.blocks import build_skeleton
+
+    if folder is not None:
+        build_skeleton(folder)
+    elif arch.is_moe:
+        raise BadInputError(f"architecture {moe_refusal(arch.model_type, arch.num_experts)}")
 
 
 def moe_refusal(kind: str, experts: int) -> str:

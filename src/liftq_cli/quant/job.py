@@ -31,10 +31,10 @@ from liftq_cli.io.quantized import write_quantized
 from liftq_cli.io.weights import WeightReader
 from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
-from liftq_cli.plan.architectures import Architecture, from_hf_config
+from liftq_cli.plan.architectures import Architecture, from_hf_config, resolve_architecture
 from liftq_cli.quant import preflight
 from liftq_cli.quant.blocks import build_skeleton, quantize_blocks
-from liftq_cli.quant.decoder import moe_refusal
+from liftq_cli.quant.decoder import check_supported
 from liftq_cli.quant.device import precision, resolve_device
 from liftq_cli.quant.events import PreflightReady, Progress
 from liftq_cli.quant.finetune_stage import finetune_stage, finetune_windows
@@ -222,8 +222,6 @@ def dry_run(job: QuantizeJob, world: int = 1) -> preflight.Preflight:
     """`liftq quantize --dry-run`: the preflight of `job` on `world` processes, from the
     model's config alone (a preset such as llama-70b needs no weights), with the outputs and
     the device checked as a real run would; nothing is written."""
-    from liftq_cli.plan.architectures import resolve_architecture
-
     check_outputs(job)
     resolve_device(job.device)
     spec = job.model
@@ -232,10 +230,7 @@ def dry_run(job: QuantizeJob, world: int = 1) -> preflight.Preflight:
     arch = resolve_architecture(spec)
     config = Path(spec) / "config.json"
     fields = json.loads(config.read_text()) if config.is_file() else {}
-    if config.is_file():
-        build_skeleton(Path(spec))  # refuses what a real run would, from the config alone
-    elif arch.is_moe:  # a preset: the same refusal a real run of that model gives
-        raise BadInputError(f"architecture {moe_refusal(arch.model_type, arch.num_experts)}")
+    check_supported(Path(spec) if config.is_file() else None, arch)  # as a real run would
     return preflight.plan(job, arch, world, dtype_bytes=_dtype_bytes(fields))
 
 
