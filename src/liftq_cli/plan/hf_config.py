@@ -145,6 +145,16 @@ def _latent(config: Mapping[str, Any]) -> LatentAttention | None:
     )
 
 
+def expert_count(config: Mapping[str, Any]) -> int:
+    """Routed experts per MoE block from config.json fields (Mixtral's `num_local_experts`,
+    Qwen's `num_experts`, DeepSeek's `n_routed_experts`); 0 for a dense model."""
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
+
+
 def from_hf_config(
     config: Mapping[str, Any],
     name: str,
@@ -158,12 +168,7 @@ def from_hf_config(
     model_type = str(config.get("model_type", "llama"))
     family = _TEXT_TYPE.get(model_type, model_type)
     config = {**_CONFIG_DEFAULTS.get(family, {}), **config}
-    experts = (
-        config.get("num_local_experts")
-        or config.get("num_experts")
-        or config.get("n_routed_experts")
-        or 0
-    )
+    experts = expert_count(config)
     required = list(_REQUIRED)
     if not (experts and config.get("moe_intermediate_size")):
         required.insert(1, "intermediate_size")  # pure MoE (Qwen3.5-MoE) has no dense MLP

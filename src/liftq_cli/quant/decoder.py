@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from liftq_cli.plan.architectures import Architecture
 
 LAYERS = "model.layers"  # where every transformers *ForCausalLM keeps its text decoder blocks
+_BASE, _, _LIST = LAYERS.rpartition(".")  # the base model ("model") and its block list
 
 
 @dataclass
@@ -84,11 +85,9 @@ def moe_refusal(kind: str, experts: int) -> str:
 
 
 def _experts(config: Any) -> int:
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2 if getattr(config, "enable_moe_block", False) else 0
+    from liftq_cli.plan.hf_config import expert_count
+
+    return expert_count(config.to_dict()) or (2 if getattr(config, "enable_moe_block", 0) else 0)
 
 
 def find_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -115,8 +114,8 @@ def load_backbone(model: nn.Module, reader: WeightReader, device: torch.device) 
     (embeddings, rotary tables, ...) on `device` in float32 with the checkpoint's weights,
     and return the base model. Buffers the checkpoint does not hold (rotary inverse
     frequencies, embedding scales) are computed by the model's own weight init."""
-    base = model.get_submodule(LAYERS.rpartition(".")[0])
-    layers = base.get_submodule(LAYERS.rpartition(".")[2])
+    base = model.get_submodule(_BASE)
+    layers = base.get_submodule(_LIST)
     for child_name, child in base.named_children():
         if child is layers:
             continue
@@ -125,7 +124,7 @@ def load_backbone(model: nn.Module, reader: WeightReader, device: torch.device) 
             model._init_weights(module)
         tensors = list(child.named_parameters()) + list(child.named_buffers())
         for name, tensor in tensors:
-            key = f"{LAYERS.rpartition('.')[0]}.{child_name}.{name}"
+            key = f"{_BASE}.{child_name}.{name}"
             with torch.no_grad():
                 if key in reader:
                     tensor.copy_(reader.get(key).to(tensor.dtype))
@@ -138,7 +137,7 @@ def load_backbone(model: nn.Module, reader: WeightReader, device: torch.device) 
 
 def release_backbone(base: nn.Module) -> None:
     """Hand back what `load_backbone` materialised (the blocks stay as they are)."""
-    layers = base.get_submodule(LAYERS.rpartition(".")[2])
+    layers = base.get_submodule(_LIST)
     for child in base.children():
         if child is not layers:
             child.to("meta")

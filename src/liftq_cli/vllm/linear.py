@@ -25,7 +25,11 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn import Parameter
-from vllm.model_executor.layers.linear import LinearMethodBase, RowParallelLinear
+from vllm.model_executor.layers.linear import (
+    LinearMethodBase,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.utils import set_weight_attrs
 
 import liftq_kernels.custom_op  # noqa: F401  (registers torch.ops.liftq.linear)
@@ -90,8 +94,9 @@ class LiftQuantLinearMethod(LinearMethodBase):
         replicas = int(getattr(layer, "num_kv_head_replicas", 1))
         if self.fused and len(output_partition_sizes) > 1:
             sizes = list(output_partition_sizes)
-            # q (or a plain merged part) is split over the ranks; k and v over rank groups
-            reps = [1] + [replicas] * (len(sizes) - 1) if len(sizes) == 3 else [1] * len(sizes)
+            # q and merged parts split over the ranks; k and v over groups of `replicas`
+            qkv = isinstance(layer, QKVParallelLinear)
+            reps = [1] + [replicas] * (len(sizes) - 1) if qkv else [1] * len(sizes)
             full = [size * tp_size // rep for size, rep in zip(sizes, reps, strict=True)]
             fused_rows_here = tuple(fused_rows(sizes, full, tp_rank, reps))
             output_partition_sizes = [sum(sizes)]
