@@ -145,6 +145,8 @@ def liftq_linear(
             f"liftq_linear: words [{words.shape[0]}, {words.shape[1]}] at word {word_offset} "
             f"do not fit rows of {total_words} words"
         )
+    if x.shape[0] == 0:  # an expert no token was routed to in this batch
+        return x.new_zeros((0, words.shape[0]))
     args = (x.contiguous(), words, scale, s1, p1, p2, s2, lattice, word_offset, total_words)
     if pick_backend(x, backend) == "triton":
         return triton_linear(*args)

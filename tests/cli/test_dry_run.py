@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.helpers import assert_one_line_error
 
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.architectures import resolve_architecture
@@ -79,7 +78,9 @@ def test_a_real_run_is_refused_by_its_preflight_before_any_block(
 
 
 @pytest.mark.parametrize("model", ["mixtral-8x7b", "qwen3-moe-30b-a3b"])
-def test_dry_run_of_a_mixture_of_experts_preset_gives_the_real_runs_refusal(cli, tmp_path, model):
+def test_dry_run_of_a_mixture_of_experts_preset_plans_it(cli, tmp_path, model):
     result = cli("quantize", model, "--bits", "2.4", "--out", str(tmp_path / "q"), "--dry-run")
-    assert_one_line_error(result, "is a mixture-of-experts model", "experts per layer")
-    assert list(tmp_path.iterdir()) == []
+    # planned, not refused: the block stage's memory and time (this 24 GB machine may be short)
+    assert "mixture-of-experts" not in result.output and "time per block" in result.output
+    assert result.exit_code in (0, 3), result.output
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -377,11 +378,26 @@ def test_a_gemma3_decoder_quantizes_and_evaluates_without_a_code_change(
     assert evaluated.exit_code == 0, evaluated.output
 
 
-def test_a_mixture_of_experts_model_is_refused_by_name_before_any_work(cli, tmp_path):
-    from tests.quant.tiny_decoders import REFUSED, save_tiny
+def test_a_mixture_of_experts_model_quantizes_evaluates_and_refuses_mixed(
+    cli, tmp_path, smollm2_folder
+):
+    import shutil
 
-    folder = save_tiny(tmp_path / "moe", "qwen3_moe", REFUSED["qwen3_moe"][0])
+    from tests.quant.tiny_decoders import EXPERTS, save_tiny
+
+    fields = {**EXPERTS["qwen3_moe"], "vocab_size": 49152}
+    folder = save_tiny(tmp_path / "moe", "qwen3_moe", fields)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(smollm2_folder / name, folder / name)
     out = tmp_path / "q"
-    result = cli("quantize", str(folder), "--bits", "2.4", "--out", str(out))
-    assert_one_line_error(result, "'qwen3_moe' is a mixture-of-experts model (4 experts")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
+    args = ["quantize", str(folder), "--config", "LQ-16/8"]
+    args += ["--calib", str(calibration_text(tmp_path)), "--nsamples", "2", "--seqlen", "32"]
+    refused = cli(*args, "--out", str(tmp_path / "mixed"), "--mixed")
+    assert_one_line_error(refused, "--mixed: 'qwen3_moe' has experts", "drop --mixed")
+    assert not (tmp_path / "mixed").exists()
+    result = cli(*args, "--out", str(out), "--whiten-steps", "1", "--correction-steps", "1")
+    assert result.exit_code == 0, result.output
+    layers = json.loads((out / "liftq.json").read_text())["layers"]
+    assert len([n for n in layers if ".mlp.experts." in n]) == 2 * 4 * 3
+    evaluated = cli("eval", str(out), "--ppl", str(calibration_text(tmp_path)), "--ctx", "64")
+    assert evaluated.exit_code == 0, evaluated.output

@@ -16,7 +16,6 @@ from tests.runtime.tiny_packed import one_thread
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.packed import pack_quantized
 from liftq_cli.io.quantized import CODES_FILE, META_FILE, write_quantized
-from liftq_cli.io.weights import WeightReader
 from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant import blocks, decoder
@@ -48,7 +47,7 @@ def test_blocks_called_as_the_model_calls_them_give_its_logits(tmp_path, model_t
     with torch.no_grad():
         expected = reference(ids, use_cache=False).logits
     config, skeleton = blocks.build_skeleton(folder)
-    reader = WeightReader(folder)
+    reader = blocks.checkpoint_reader(folder)
     layers = decoder.find_layers(skeleton, config.num_hidden_layers)
     base = decoder.load_backbone(skeleton, reader, torch.device("cpu"))
     calls = decoder.layer_calls(base, layers, SEQ)
@@ -84,7 +83,8 @@ def test_quantize_pack_and_load_in_transformers(tmp_path, model_type):
             SETTINGS,
             {"job": model_type},
         )
-        write_quantized(folder, WorkDir(work), quant, 2, lambda _c: MATRIX, {}, "")
+        reader = blocks.checkpoint_reader(folder)  # experts unfused
+        write_quantized(folder, WorkDir(work), quant, 2, lambda _c: MATRIX, {}, "", None, reader)
     assert [r.layer for r in reports] == [0, 1]
     skeleton = blocks.build_skeleton(folder)[1]
     every = {

@@ -7,7 +7,8 @@ import pytest
 
 from liftq_cli.errors import BadInputError
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.quant.job import average_bits, check_overrides, config_for_bits
+from liftq_cli.quant.job import config_for_bits
+from liftq_cli.quant.linear_shapes import average_bits, check_overrides
 
 SHAPES = {(0, "q_proj"): (64, 64), (0, "down_proj"): (64, 128), (1, "q_proj"): (64, 64)}
 

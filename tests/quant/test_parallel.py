@@ -36,7 +36,7 @@ def test_tree_sum_is_the_same_for_any_number_of_ranks(world):
     torch.manual_seed(0)
     batches = 11
     leaves = [
-        (torch.randn(3, 3, dtype=torch.float64) * 10**k, torch.randn(3).double())
+        (torch.randn(3, 3, dtype=torch.float64) * 10**k, torch.randn(3).double(), torch.tensor(k))
         for k in range(batches)
     ]
     one = TreeSum()

@@ -47,13 +47,20 @@ SUPPORTED = {
     "phi3": {},  # fused qkv_proj and gate_up_proj: each quantized as one linear
 }
 
+# mixture-of-experts decoders: experts fused as 3-D tensors in transformers, stored per expert
+# (Qwen3-MoE; Mixtral under its legacy names w1/w3/w2) or fused (gpt-oss, Llama 4)
+EXPERTS = {
+    "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    # [E, H, 2I] transposed, gate and up interleaved, biases, clamped GLU, a router bias
+    "gpt_oss": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    # router-scaled rows, a shared expert, nn.Linear router (kept in high precision)
+    "llama4_text": {"num_local_experts": 4, "num_experts_per_tok": 1},
+}
+SUPPORTED.update(EXPERTS)
+
 # model_type -> (fields, a fragment of the refusal)
-MOE = "mixture-of-experts"
 REFUSED = {
-    "qwen3_moe": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}, MOE),
-    "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, MOE),
-    "gpt_oss": ({"num_local_experts": 4, "num_experts_per_tok": 2}, MOE),
-    "llama4_text": ({"num_local_experts": 4, "num_experts_per_tok": 1}, MOE),
     "gemma4_text": (
         {"hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 256},
         "per-layer embeddings",

@@ -215,8 +215,8 @@ def served_prompt_logprobs(packed: Path, log: Path, ids: list[int], ranks: int) 
 OTHER_DECODERS = [("gemma3_text", 1), ("gemma4_text", 2), ("phi3", 4)]  # (model_type, ranks)
 
 
-@pytest.mark.parametrize(("model_type", "ranks"), OTHER_DECODERS)
-def test_vllm_serves_other_decoders_like_transformers(tmp_path, model_type, ranks):
+def pack_tiny_decoder(tmp_path: Path, model_type: str) -> Path:
+    """A tiny random `model_type` decoder, quantized at LQ-8/4 without correction, packed."""
     from tests.quant.test_encode import brute_force_encode, tiny_matrix
     from tests.quant.tiny_decoders import SUPPORTED, save_tiny
     from tests.runtime.tiny_packed import one_thread, save_tokenizer
@@ -225,7 +225,7 @@ def test_vllm_serves_other_decoders_like_transformers(tmp_path, model_type, rank
     from liftq_cli.io.quantized import write_quantized
     from liftq_cli.io.workdir import WorkDir
     from liftq_cli.lattice_config import LatticeConfig
-    from liftq_cli.quant.blocks import quantize_blocks
+    from liftq_cli.quant.blocks import checkpoint_reader, quantize_blocks
     from liftq_cli.quantize_job import CorrectionConfig, QuantizeSettings
 
     cfg, matrix = LatticeConfig(8, 4), tiny_matrix(8, 4)
@@ -240,8 +240,15 @@ def test_vllm_serves_other_decoders_like_transformers(tmp_path, model_type, rank
             fp, lambda *_: cfg, ids, WorkDir(work), lambda _c: matrix, brute_force_encode,
             settings, {"t": model_type},
         )  # fmt: skip
-        write_quantized(fp, WorkDir(work), quant, 2, lambda _c: matrix, {}, "")
+        reader = checkpoint_reader(fp)  # experts unfused
+        write_quantized(fp, WorkDir(work), quant, 2, lambda _c: matrix, {}, "", None, reader)
     pack_quantized(quant, packed, embed="fp16", lm_head="fp16")
+    return packed
+
+
+@pytest.mark.parametrize(("model_type", "ranks"), OTHER_DECODERS)
+def test_vllm_serves_other_decoders_like_transformers(tmp_path, model_type, ranks):
+    packed = pack_tiny_decoder(tmp_path, model_type)
     prompt = torch.randint(3, 64, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     reference = transformers_prompt_logprobs(packed, prompt)
     served = served_prompt_logprobs(packed, tmp_path / "serve.log", prompt, ranks)
@@ -258,3 +265,16 @@ def test_vllm_serves_mixed_widths_int4_tied_on_four_ranks(tmp_path):
     served = served_prompt_logprobs(packed, tmp_path / "serve.log", ids, 4)
     diff = max(abs(a - b) for a, b in zip(served, reference, strict=True))
     assert diff < LOGPROB_TOL, f"prompt logprobs differ by {diff:.2e} nats"
+
+
+def test_vllm_refuses_a_packed_mixture_of_experts_model_naming_the_layer(tmp_path):
+    packed = pack_tiny_decoder(tmp_path, "qwen3_moe")
+    log_path = tmp_path / "serve.log"
+    with (
+        pytest.raises(RuntimeError) as failed,
+        vllm_server(packed, log_path, tensor_parallel=1, max_model_len=128),
+    ):
+        pass
+    log = log_path.read_text()
+    assert "exited with" in str(failed.value)
+    assert "liftquant: model.layers.0.mlp.experts holds mixture-of-experts experts" in log

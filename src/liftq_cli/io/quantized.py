@@ -96,6 +96,7 @@ def write_quantized(
     manifest: dict[str, Any],
     recipe_text: str,
     tuned: dict[str, torch.Tensor] | None = None,
+    reader: WeightReader | None = None,
 ) -> dict[str, int]:
     """Assemble `out` atomically from the source folder and the finished work dir; returns
     {file name: bytes}.
@@ -105,7 +106,9 @@ def write_quantized(
     Streams: one block's codes and one source tensor in memory at a time.
     """
     tuned = tuned or {}
-    reader = WeightReader(source)
+    # reader: the checkpoint under the quantized model's names (`blocks.checkpoint_reader`:
+    # experts unfused); the plain files serve a model without experts
+    reader = WeightReader(source) if reader is None else reader
     code_specs: list[TensorSpec] = []
     configs: dict[str, str] = {}
     used: dict[str, LatticeConfig] = {}
@@ -118,6 +121,8 @@ def write_quantized(
     for name, cfg in sorted(used.items()):
         code_specs.append(TensorSpec(f"lattice.{name}", torch.float32, (cfg.d, cfg.D)))
     quantized_weights = {f"{name}.weight" for name in configs}
+    lacking = sorted(quantized_weights - set(reader.names()))
+    assert not lacking, f"the reader does not name quantized weight {lacking[0]}"
     names = sorted(set(reader.names()) - quantized_weights, key=lambda n: (_layer_of(n), n))
     rest_specs = [TensorSpec(n, reader.dtype(n), reader.shape(n)) for n in names]
 

@@ -34,22 +34,19 @@ from liftq_cli.quant.costmodel import assign
 from liftq_cli.quant.decoder import (
     LAYERS,
     LayerCall,
+    build_skeleton,
+    checkpoint_reader,
     embed,
     find_layers,
     layer_calls,
     load_backbone,
-    refusal,
     release_backbone,
 )
 from liftq_cli.quant.device import stream_home, to_home
 from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.events import BlockDone, BlockReport, Progress
-from liftq_cli.quant.exchange import (
-    gram_stats,
-    linear_kinds,
-    share_correction,
-    share_state,
-)
+from liftq_cli.quant.exchange import gram_stats, linear_kinds, share_correction, share_state
+from liftq_cli.quant.expert_stats import block_stats
 from liftq_cli.quant.ldlq import Encoder
 from liftq_cli.quant.parallel import SOLO, Ranks, Team
 from liftq_cli.quant.reconstruct import QuantizedLinear
@@ -60,35 +57,6 @@ JOB_VERSION = 1
 ConfigFor = Callable[[int, str], LatticeConfig]
 Matrices = Callable[[LatticeConfig], torch.Tensor]
 RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-
-def build_skeleton(folder: Path):
-    """The model on the meta device (no memory), with SDPA causal attention; a decoder that
-    quant/decoder.py cannot handle yet is refused by name, before any weight is read."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise BadInputError(
-            f"transformers cannot read the config in '{folder}' ({first}): pass a model "
-            "folder whose config.json transformers knows"
-        ) from None
-    reason = refusal(config)
-    if reason is not None:
-        raise BadInputError(f"architecture {reason}")
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    except ValueError as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise BadInputError(
-            f"architecture '{config.model_type}' has no causal language model in transformers "
-            f"({first}): liftq quantize reads decoder-only models"
-        ) from None
-    find_layers(model, config.num_hidden_layers)  # refuses a model without the usual layout
-    return config, model
 
 
 def load_block(
@@ -112,7 +80,7 @@ def collect_stats(
     linear's input over the calibration inputs; linears reading one tensor share one
     fp64 accumulation, and batches are summed in quant/stats.py's fixed tree."""
     team = Team(SOLO, batch, inputs.shape[0])
-    return gram_stats(block, run, inputs, team, inputs.shape[1], {})
+    return gram_stats(block, run, inputs, team, {})[0]
 
 
 def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -174,7 +142,7 @@ def quantize_block(
     linears = linear_kinds(block)
     costs = {n: float(m.out_features) * m.in_features**2 for n, m in linears.items()}
     owner = assign(costs, ranks.world)
-    stats = gram_stats(block, run, inputs, team, inputs.shape[1], owner)
+    stats, unrouted = block_stats(block, run, inputs, team, owner)
     done: dict[str, tuple[dict[str, torch.Tensor], list[float]]] = {}
     for index, (name, linear) in enumerate(linears.items()):
         if owner[name] != ranks.rank:
@@ -237,6 +205,7 @@ def quantize_block(
         time.perf_counter() - began,
         *max(spent, key=sum),  # the busiest rank's: what the block waited for
         seconds_correct,
+        unrouted,
     )
     return linears_out, report
 
@@ -286,7 +255,7 @@ def quantize_blocks(
     """
     device = torch.device(device)
     config, skeleton = build_skeleton(folder)
-    reader = WeightReader(folder)
+    reader = checkpoint_reader(folder)
     farm = not settings.sequential and ranks.world > 1
     team = Team(SOLO if farm else ranks, settings.correction.batch, calib_ids.shape[0])
     whole = ranks.root or farm  # holds every window

@@ -17,16 +17,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from liftq_cli.errors import BadInputError
+from liftq_cli.io.model_weights import model_weights
 from liftq_cli.io.weights import WeightReader
-
-if TYPE_CHECKING:
-    from liftq_cli.plan.architectures import Architecture
+from liftq_cli.quant.experts import expert_layouts, unfuse_experts
 
 LAYERS = "model.layers"  # where every transformers *ForCausalLM keeps its text decoder blocks
 _BASE, _, _LIST = LAYERS.rpartition(".")  # the base model ("model") and its block list
@@ -43,14 +42,11 @@ class LayerCall:
 def refusal(config: Any) -> str | None:
     """Why liftq cannot quantize this decoder yet (a sentence naming the feature), or None."""
     kind = config.model_type
-    experts = _experts(config)
     if getattr(config, "vision_config", None) is not None or hasattr(config, "text_config"):
         return (
             f"'{kind}' is a multimodal checkpoint (a text model with a vision or audio tower): "
             "liftq quantize reads text-only decoders; pass a text-only checkpoint of the model"
         )
-    if experts:
-        return moe_refusal(kind, experts)
     if getattr(config, "hidden_size_per_layer_input", 0):
         return (
             f"'{kind}' feeds every block a per-token side input (per-layer embeddings, "
@@ -65,29 +61,67 @@ def refusal(config: Any) -> str | None:
     return None
 
 
-def check_supported(folder: Path | None, arch: Architecture) -> None:
-    """Refuse, from the config alone, what the block stage would refuse: the model folder's
-    architecture (`blocks.build_skeleton`), or for a preset (folder None) its experts."""
-    from liftq_cli.quant.blocks import build_skeleton
-
+def check_supported(folder: Path | None) -> None:
+    """Refuse, from the config alone, what the block stage would refuse for the model
+    folder (`blocks.build_skeleton`); a preset (folder None) names no checkpoint to check."""
     if folder is not None:
         build_skeleton(folder)
-    elif arch.is_moe:
-        raise BadInputError(f"architecture {moe_refusal(arch.model_type, arch.num_experts)}")
 
 
-def moe_refusal(kind: str, experts: int) -> str:
-    return (
-        f"'{kind}' is a mixture-of-experts model ({experts} experts per layer): liftq "
-        "quantize does not yet calibrate experts one by one; the dense models of the "
-        "family are supported"
-    )
-
-
-def _experts(config: Any) -> int:
+def check_experts(config: Any, layouts: dict) -> None:
+    """Refuse a mixture-of-experts model whose experts are not transformers' fused experts
+    modules (`runtime.experts.unfuse_experts` found none of them)."""
     from liftq_cli.plan.hf_config import expert_count
 
-    return expert_count(config.to_dict()) or (2 if getattr(config, "enable_moe_block", 0) else 0)
+    experts = expert_count(config.to_dict()) or getattr(config, "enable_moe_block", 0)
+    if experts and not layouts:
+        raise BadInputError(
+            f"architecture '{config.model_type}' is a mixture-of-experts model whose experts "
+            "are not stored as transformers' fused experts (3-D gate_up_proj and down_proj): "
+            "liftq quantize cannot calibrate them one by one yet"
+        )
+
+
+def build_skeleton(folder: Path):
+    """The model on the meta device (no memory), with SDPA causal attention; a decoder that
+    quant/decoder.py cannot handle yet is refused by name, before any weight is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise BadInputError(
+            f"transformers cannot read the config in '{folder}' ({first}): pass a model "
+            "folder whose config.json transformers knows"
+        ) from None
+    reason = refusal(config)
+    if reason is not None:
+        raise BadInputError(f"architecture {reason}")
+    try:
+        with torch.device("meta"):
+            try:
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+            except ValueError as exc:  # no SDPA path (gpt-oss's attention sinks): eager
+                if "attention implementation" not in str(exc):
+                    raise
+                model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise BadInputError(
+            f"architecture '{config.model_type}' has no causal language model in transformers "
+            f"({first}): liftq quantize reads decoder-only models"
+        ) from None
+    find_layers(model, config.num_hidden_layers)  # refuses a model without the usual layout
+    check_experts(config, unfuse_experts(model, config.hidden_size))
+    return config, model
+
+
+def checkpoint_reader(folder: Path) -> WeightReader:
+    """The checkpoint in `folder` under the names of the model the block stage quantizes
+    (experts one linear per matrix: io/model_weights.py)."""
+    config, skeleton = build_skeleton(folder)
+    return model_weights(folder, config.model_type, expert_layouts(skeleton))
 
 
 def find_layers(model: nn.Module, num_layers: int) -> nn.ModuleList:

@@ -24,6 +24,7 @@ class BlockReport:
     seconds_whiten: float = 0.0
     seconds_encode: float = 0.0
     seconds_correct: float = 0.0
+    unrouted: int = 0  # experts no calibration token reached: calibrated on all tokens
 
 
 @dataclass(frozen=True)

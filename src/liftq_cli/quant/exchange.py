@@ -19,6 +19,7 @@ from torch import nn
 
 from liftq_cli.io.codes import pack_codes, unpack_codes
 from liftq_cli.quant.block_correction import CorrectableLinear, CorrectionResult
+from liftq_cli.quant.experts import routers
 from liftq_cli.quant.parallel import Ranks, Team
 from liftq_cli.quant.stats import TreeSum, collect, complete, finish, range_nodes
 
@@ -26,8 +27,14 @@ RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 def linear_kinds(block: nn.Module) -> dict[str, nn.Linear]:
-    """Every nn.Linear inside a decoder block, keyed by its dotted name (self_attn.q_proj, ...)."""
-    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    """Every nn.Linear inside a decoder block that liftq quantizes, keyed by its dotted name
+    (self_attn.q_proj, mlp.experts.3.down_proj, ...): all but the routers of experts."""
+    skip = routers(block)
+    return {
+        name: m
+        for name, m in block.named_modules()
+        if isinstance(m, nn.Linear) and name not in skip
+    }
 
 
 def gram_stats(
@@ -35,20 +42,28 @@ def gram_stats(
     run: RunBlock,
     inputs: torch.Tensor,
     team: Team,
-    seqlen: int,
     owner: dict[str, int],
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    linears: dict[str, nn.Linear] | None = None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, int]]:
     """(Gram, mean |x|) of the linears this rank owns (`owner`: linear -> rank; absent means
-    rank 0), from every rank's tree nodes over its own windows (`team.local(inputs)`).
+    rank 0), from every rank's tree nodes over its own windows (`team.local(inputs)`), and
+    every linear's token count over all ranks (the same on each).
 
     Each input's nodes go to the ranks owning one of its linears in one fixed order (input,
     source rank, destination rank, node), so the point-to-point exchange cannot deadlock
-    and the owner adds them up exactly as one process would."""
+    and the owner adds them up exactly as one process would. linears: those to measure
+    (default: all of `linear_kinds`)."""
     ranks = team.ranks
-    found = collect(
-        block, linear_kinds(block), run, team.local(inputs), team.batch, team.first_batch
-    )
+    linears = linear_kinds(block) if linears is None else linears
+    found = collect(block, linears, run, team.local(inputs), team.batch, team.first_batch)
     every = [range_nodes(lo, hi) for lo, hi in team.ranges]  # each rank's nodes
+    local = {
+        name: int(sum(float(v[2]) for _, v in found.sums[key].stack))
+        for key, names in found.groups.items()
+        for name in names
+    }
+    every_count = ranks.all_objects(local)  # one collective: counts are exact integers
+    tokens = {name: sum(counts.get(name, 0) for counts in every_count) for name in local}
     out = {}
     for key, names in found.groups.items():
         nodes = found.nodes(key)
@@ -64,16 +79,18 @@ def gram_stats(
                     continue
                 for node in every[src]:
                     if ranks.rank == src:
-                        ranks.send(nodes[node][0], dst)
-                        ranks.send(nodes[node][1], dst)
+                        for part in nodes[node]:
+                            ranks.send(part, dst)
                     elif ranks.rank == dst:
                         gram = ranks.recv((width, width), torch.float64, src)
-                        merged.push_node(node, (gram, ranks.recv((width,), torch.float64, src)))
+                        absolute = ranks.recv((width,), torch.float64, src)
+                        count = ranks.recv((), torch.float64, src)
+                        merged.push_node(node, (gram, absolute, count))
         del nodes
         if ranks.rank in need:
-            total = finish(complete(dict(merged.stack), team.batches), team.windows * seqlen)
+            total = finish(complete(dict(merged.stack), team.batches))
             out.update({n: total for n in names if owner.get(n, 0) == ranks.rank})
-    return out
+    return out, tokens
 
 
 def share_state(

@@ -17,6 +17,7 @@ from liftq_cli.io.checkpoints import quiet_transformers
 from liftq_cli.io.workdir import WorkDir, fingerprint
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant.events import FinetuneStep, Progress
+from liftq_cli.quant.experts import unfuse_loaded
 from liftq_cli.quant.finetune import attach, finetune, tuned_tensors
 from liftq_cli.quant.reconstruct import QuantizedLinear
 from liftq_cli.quantize_job import FinetuneConfig
@@ -66,6 +67,8 @@ def finetune_stage(
     with quiet_transformers():
         teacher = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         student = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for model in (teacher, student):  # the block stage's names: one linear per expert matrix
+        unfuse_loaded(model, model.config.hidden_size)
     teacher, student = teacher.to(device).eval(), student.to(device).eval()
 
     def on_device(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

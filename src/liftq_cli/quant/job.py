@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,18 +32,19 @@ from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.plan.architectures import Architecture, from_hf_config, resolve_architecture
 from liftq_cli.quant import preflight
-from liftq_cli.quant.blocks import build_skeleton, quantize_blocks
+from liftq_cli.quant.blocks import build_skeleton, checkpoint_reader, quantize_blocks
 from liftq_cli.quant.decoder import check_supported
 from liftq_cli.quant.device import precision, resolve_device
 from liftq_cli.quant.events import PreflightReady, Progress
+from liftq_cli.quant.experts import expert_layouts
 from liftq_cli.quant.finetune_stage import finetune_stage, finetune_windows
+from liftq_cli.quant.linear_shapes import Shapes, average_bits, check_overrides, linear_shapes
 from liftq_cli.quant.mixed import SENSITIVITY_WINDOWS, allocate_bits, measure_sensitivity
 from liftq_cli.quant.parallel import SOLO, Ranks, join, leave, world_from_env
 from liftq_cli.quantize_job import QuantizeJob
 from liftq_cli.recipe import check_model, dumps, for_job, loads
 
 BITS_TOLERANCE = 0.05
-Shapes = dict[tuple[int, str], tuple[int, int]]
 
 
 @dataclass
@@ -177,6 +177,11 @@ def resolve_job(
         check_model(loads(job.recipe, "--recipe"), job.model, arch, "--recipe")
     shapes = linear_shapes(skeleton)
     check_overrides(job.layers, shapes)
+    if settings.mixed and expert_layouts(skeleton):
+        raise BadInputError(
+            f"--mixed: '{hf_config.model_type}' has experts, and the sensitivity pass does not "
+            "measure them one by one yet: quantize it at one width (drop --mixed)"
+        )
     for option, source in (
         ("--calib", calib.source),
         ("--finetune-calib", settings.finetune.calib),
@@ -230,7 +235,7 @@ def dry_run(job: QuantizeJob, world: int = 1) -> preflight.Preflight:
     arch = resolve_architecture(spec)
     config = Path(spec) / "config.json"
     fields = json.loads(config.read_text()) if config.is_file() else {}
-    check_supported(Path(spec) if config.is_file() else None, arch)  # as a real run would
+    check_supported(Path(spec) if config.is_file() else None)  # as a real run would
     return preflight.plan(job, arch, world, dtype_bytes=_dtype_bytes(fields))
 
 
@@ -350,6 +355,7 @@ def _quantize_resolved(
         manifest,
         recipe_text,
         tuned,
+        checkpoint_reader(folder),
     )
     return QuantizeResult(
         model=job.model,
@@ -365,35 +371,3 @@ def _quantize_resolved(
         finetune=tuned_report,
         allocation=allocation,
     )
-
-
-def linear_shapes(skeleton) -> Shapes:
-    """(layer, kind) -> (out, in) of every decoder linear, read off the meta-device model."""
-    from liftq_cli.quant.sensitivity import decoder_linears
-
-    return {key: (m.out_features, m.in_features) for key, m in decoder_linears(skeleton).items()}
-
-
-def check_overrides(layers, shapes: Shapes) -> None:
-    """Refuse per-layer overrides that name a block or linear this model does not have."""
-    count = 1 + max((layer for layer, _ in shapes), default=-1)
-    kinds = sorted({kind for _, kind in shapes})
-    for layer, overrides in sorted(layers.items()):
-        if layer >= count:
-            raise BadInputError(
-                f"recipe overrides layer {layer} but the model has {count} layers (0 to "
-                f"{count - 1}): re-run `liftq plan --write-recipe` for this model"
-            )
-        for kind in overrides:
-            if (layer, kind) not in shapes:
-                raise BadInputError(
-                    f"recipe overrides layers.{layer}.{kind} but this model's linears are "
-                    f"{', '.join(kinds)}: re-run `liftq plan --write-recipe` for this model"
-                )
-
-
-def average_bits(shapes: Shapes, config_for: Callable[[int, str], LatticeConfig]) -> float:
-    """Code bits per weight over all decoder linears (D/d weighted by each linear's size)."""
-    total = sum(o * i for o, i in shapes.values())
-    bits = sum(o * i * config_for(*key).bits for key, (o, i) in shapes.items()) / max(total, 1)
-    return round(bits, 6)

@@ -84,6 +84,14 @@ class Ranks:
         self._dist().broadcast_object_list(box, src, device=self.wire)
         return box[0]
 
+    def all_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world
+        self._dist().all_gather_object(gathered, obj)
+        return gathered
+
     def gather_rows(self, shard: torch.Tensor, counts: list[int]) -> torch.Tensor | None:
         """Concatenate every rank's shard (dim 0, `counts[r]` rows each, rank order) on the
         root; None elsewhere. The root's result lives where its own shard does."""

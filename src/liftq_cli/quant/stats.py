@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 Node = tuple[int, int]  # (level, index): covers batches [index << level, (index + 1) << level)
-Partial = tuple[torch.Tensor, torch.Tensor]  # (sum x^T x [n, n] fp64, sum |x| [n] fp64)
+# (sum x^T x [n, n] fp64, sum |x| [n] fp64, token count [] fp64: exact below 2^53)
+Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def add(a: Partial, b: Partial) -> Partial:
-    return a[0] + b[0], a[1] + b[1]
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
 def siblings(left: Node, right: Node) -> bool:
@@ -88,7 +89,8 @@ class BlockStats:
 
     groups: input name (the first linear reading it) -> the linears that read it;
     sums: input name -> its TreeSum. Every linear of a dense block sees every calibration
-    token, so the token count is the caller's (nsamples x seqlen).
+    token; an expert's linears see the tokens routed to it (none, in some batches), so each
+    sum counts its own tokens.
     """
 
     groups: dict[str, list[str]]
@@ -123,7 +125,8 @@ def collect(
         if entry is None:
             key = leader.setdefault(name, name)
             flat = x.detach().reshape(-1, x.shape[-1]).double()
-            current[key] = (flat.T @ flat, flat.abs().sum(0))
+            count = torch.tensor(float(flat.shape[0]), dtype=torch.float64, device=flat.device)
+            current[key] = (flat.T @ flat, flat.abs().sum(0), count)
             seen[id(x)] = (x, key)
         else:
             key = leader.setdefault(name, entry[1])
@@ -149,9 +152,10 @@ def collect(
     return BlockStats(groups, sums)
 
 
-def finish(total: Partial, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Gram / tokens, mean |x|) as float32: what whitening and LDLQ take."""
-    gram, absolute = total
+def finish(total: Partial) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Gram / tokens, mean |x|) as float32: what whitening and LDLQ take (NaN for an input
+    that saw no token: an expert calibration never routed to)."""
+    gram, absolute, tokens = total
     return (gram / tokens).float(), (absolute / tokens).float()
 
 

@@ -68,6 +68,7 @@ class LiftQuantHfQuantizer(HfQuantizer):
     quantization_config: LiftQuantConfig
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> None:
+        from liftq_cli.quant.experts import unfuse_experts
         from liftq_cli.runtime.embeddings import replace_embeddings
         from liftq_cli.runtime.linear import replace_linears
 
@@ -78,6 +79,7 @@ class LiftQuantHfQuantizer(HfQuantizer):
             # A base model (e.g. AutoModel) has no `model.` level: names start one level down.
             layers = {k.removeprefix(prefix): cfg for k, cfg in layers.items()}
             strip = prefix
+        unfuse_experts(model, model.config.get_text_config().hidden_size)  # stored per expert
         replace_embeddings(model, self.quantization_config.embeddings, "meta", strip)
         version = int(self.quantization_config.format_version)
         replace_linears(model, layers, device="meta", version=version)

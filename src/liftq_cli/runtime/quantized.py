@@ -16,6 +16,7 @@ import torch
 from liftq_cli.errors import BadInputError
 from liftq_cli.io.checkpoints import LoadedModel, load_tokenizer, quiet_transformers, resolve
 from liftq_cli.io.quantized import read_quantized
+from liftq_cli.quant.experts import unfuse_experts
 from liftq_cli.quant.reconstruct import QuantizedLinear
 
 
@@ -39,6 +40,7 @@ def load_quantized_model(folder: Path) -> torch.nn.Module:
     with quiet_transformers():
         config = AutoConfig.from_pretrained(folder)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    unfuse_experts(model, config.hidden_size)  # one linear per expert matrix, as stored
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import torch
+from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import (
@@ -141,6 +142,12 @@ class LiftQuantVllmConfig(QuantizationConfig):
             return self._matrix_method(self.embeddings.lm_head)
         if isinstance(layer, VocabParallelEmbedding):
             return self._matrix_method(self.embeddings.embed)
+        if isinstance(layer, RoutedExperts):  # no LiftQuant fused-MoE method yet
+            raise ValueError(
+                f"liftquant: {prefix} holds mixture-of-experts experts, which the vLLM plugin "
+                "does not serve yet: load this model with transformers (liftq eval, "
+                "from_pretrained)"
+            )
         return None
 
     def _linear_method(self, prefix: str) -> QuantizeMethodBase:

@@ -1,0 +1,54 @@
+"""Calibration statistics of a block whose experts calibration may not reach.
+
+Each expert's linears are measured on the tokens routed to it (quant/experts.py runs
+every expert every batch, on zero tokens or more). An expert no calibration token was
+routed to would have no Gram matrix at all; its stated fallback is a second pass over the
+same windows in which it receives every token of the layer (its outputs are discarded, so
+the block computes as before): the Gram of all tokens, the most an unseen expert can be
+told. The block report counts such experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from liftq_cli.quant.exchange import gram_stats, linear_kinds
+from liftq_cli.quant.experts import expert_lists
+from liftq_cli.quant.parallel import Team
+
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def block_stats(
+    block: nn.Module,
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    team: Team,
+    owner: dict[str, int],
+) -> tuple[Stats, int]:
+    """`gram_stats` of every linear `owner` gives this rank, and the number of experts that
+    took the all-token fallback (the same on every rank: token counts are summed over
+    ranks before anyone decides)."""
+    stats, tokens = gram_stats(block, run, inputs, team, owner)
+    idle = {
+        path: frozenset(e for e in range(len(experts)) if tokens.get(f"{path}.{e}.up_proj", 0) == 0)
+        for path, experts in expert_lists(block).items()
+    }
+    idle = {path: gaps for path, gaps in idle.items() if gaps}
+    if not idle:
+        return stats, 0
+    prefixes = tuple(f"{path}.{e}." for path, gaps in idle.items() for e in gaps)
+    linears = {n: m for n, m in linear_kinds(block).items() if n.startswith(prefixes)}
+    lists = expert_lists(block)
+    try:
+        for path, gaps in idle.items():
+            lists[path].route_all = gaps
+        extra, _ = gram_stats(block, run, inputs, team, owner, linears)
+    finally:
+        for path in idle:
+            lists[path].route_all = frozenset()
+    stats.update(extra)
+    return stats, len(prefixes)
