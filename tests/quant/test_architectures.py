@@ -47,7 +47,7 @@ def test_blocks_called_as_the_model_calls_them_give_its_logits(tmp_path, model_t
     with torch.no_grad():
         expected = reference(ids, use_cache=False).logits
     config, skeleton = blocks.build_skeleton(folder)
-    reader = blocks.checkpoint_reader(folder)
+    reader = decoder.checkpoint_reader(folder)
     layers = decoder.find_layers(skeleton, config.num_hidden_layers)
     base = decoder.load_backbone(skeleton, reader, torch.device("cpu"))
     calls = decoder.layer_calls(base, layers, SEQ)
@@ -64,14 +64,9 @@ def test_blocks_called_as_the_model_calls_them_give_its_logits(tmp_path, model_t
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", sorted(SUPPORTED))
-def test_quantize_pack_and_load_in_transformers(tmp_path, model_type):
-    from transformers import AutoModelForCausalLM
-
-    import liftq_cli  # noqa: F401  (registers the packed format with transformers)
-
-    folder = save_tiny(tmp_path / model_type, model_type)
-    work, quant, packed = tmp_path / "work", tmp_path / "quant", tmp_path / "packed"
+def quantize_tiny(folder, work, quant) -> list:
+    """The 2-block tiny model in `folder` quantized at LQ-8/4 into `quant` (work dir
+    `work`); returns the block reports."""
     with one_thread():
         reports = blocks.quantize_blocks(
             folder,
@@ -81,10 +76,22 @@ def test_quantize_pack_and_load_in_transformers(tmp_path, model_type):
             lambda _c: MATRIX,
             brute_force_encode,
             SETTINGS,
-            {"job": model_type},
+            {"job": str(folder)},
         )
-        reader = blocks.checkpoint_reader(folder)  # experts unfused
+        reader = decoder.checkpoint_reader(folder)  # experts unfused
         write_quantized(folder, WorkDir(work), quant, 2, lambda _c: MATRIX, {}, "", None, reader)
+    return reports
+
+
+@pytest.mark.parametrize("model_type", sorted(SUPPORTED))
+def test_quantize_pack_and_load_in_transformers(tmp_path, model_type):
+    from transformers import AutoModelForCausalLM
+
+    import liftq_cli  # noqa: F401  (registers the packed format with transformers)
+
+    folder = save_tiny(tmp_path / model_type, model_type)
+    work, quant, packed = tmp_path / "work", tmp_path / "quant", tmp_path / "packed"
+    reports = quantize_tiny(folder, work, quant)
     assert [r.layer for r in reports] == [0, 1]
     skeleton = blocks.build_skeleton(folder)[1]
     every = {

@@ -16,15 +16,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from tests.helpers import calibration_text
-from tests.quant.test_architectures import CFG, MATRIX, SETTINGS, _ids
-from tests.quant.test_encode import brute_force_encode
+from tests.quant.test_architectures import _ids, quantize_tiny
 from tests.quant.test_job_digest import canonical, digest
 from tests.quant.tiny_decoders import EXPERTS, save_tiny, tiny_config
-from tests.runtime.tiny_packed import one_thread
 
 from liftq_cli.io.packed import pack_quantized
-from liftq_cli.io.quantized import META_FILE, write_quantized
-from liftq_cli.io.workdir import WorkDir
+from liftq_cli.io.quantized import META_FILE
 from liftq_cli.quant import blocks, decoder
 from liftq_cli.quant.exchange import gram_stats, linear_kinds
 from liftq_cli.quant.experts import ExpertList, expert_lists, unfuse_loaded
@@ -65,7 +62,7 @@ def test_unfused_experts_compute_what_the_fused_ones_do(model_type):
 @pytest.mark.parametrize("model_type", sorted(EXPERTS))
 def test_the_checkpoint_reads_under_the_unfused_names(tmp_path, model_type):
     folder = save_tiny(tmp_path / model_type, model_type)
-    reader = blocks.checkpoint_reader(folder)
+    reader = decoder.checkpoint_reader(folder)
     model = _loaded(folder)  # transformers' own loading: fused, renamed
     with torch.no_grad():
         unfuse_loaded(model, model.config.hidden_size)
@@ -89,7 +86,7 @@ def _silence_expert(folder: Path) -> None:
 def test_every_expert_is_counted_by_its_routed_tokens(tmp_path):
     folder = save_tiny(tmp_path / "m", "qwen3_moe")
     config, skeleton = blocks.build_skeleton(folder)
-    reader = blocks.checkpoint_reader(folder)
+    reader = decoder.checkpoint_reader(folder)
     layers = decoder.find_layers(skeleton, config.num_hidden_layers)
     base = decoder.load_backbone(skeleton, reader, torch.device("cpu"))
     calls = decoder.layer_calls(base, layers, 24)
@@ -123,19 +120,7 @@ def test_an_expert_calibration_never_reaches_is_calibrated_on_all_tokens(tmp_pat
     folder = save_tiny(tmp_path / "m", "gpt_oss")
     _silence_expert(folder)
     work, quant, packed = tmp_path / "work", tmp_path / "quant", tmp_path / "packed"
-    with one_thread():
-        reports = blocks.quantize_blocks(
-            folder,
-            lambda *_: CFG,
-            _ids(4, 0),
-            WorkDir(work),
-            lambda _c: MATRIX,
-            brute_force_encode,
-            SETTINGS,
-            {"job": "gpt_oss"},
-        )
-        reader = blocks.checkpoint_reader(folder)  # experts unfused
-        write_quantized(folder, WorkDir(work), quant, 2, lambda _c: MATRIX, {}, "", None, reader)
+    reports = quantize_tiny(folder, work, quant)
     assert [r.unrouted for r in reports] == [1, 0]
     layers = json.loads((quant / META_FILE).read_text())["layers"]
     experts = {n for n in layers if ".mlp.experts." in n}

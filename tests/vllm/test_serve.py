@@ -225,7 +225,8 @@ def pack_tiny_decoder(tmp_path: Path, model_type: str) -> Path:
     from liftq_cli.io.quantized import write_quantized
     from liftq_cli.io.workdir import WorkDir
     from liftq_cli.lattice_config import LatticeConfig
-    from liftq_cli.quant.blocks import checkpoint_reader, quantize_blocks
+    from liftq_cli.quant.blocks import quantize_blocks
+    from liftq_cli.quant.decoder import checkpoint_reader
     from liftq_cli.quantize_job import CorrectionConfig, QuantizeSettings
 
     cfg, matrix = LatticeConfig(8, 4), tiny_matrix(8, 4)

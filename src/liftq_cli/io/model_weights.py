@@ -69,8 +69,9 @@ class ModelWeights(WeightReader):
             for part_name, name in fused.items():
                 key = self._sources.pop(name)[0]
                 self._layouts[key] = (layout, part_name)
+                locals_ = list(split_expert(_stub(layout, part_name), layout))
                 for e in range(layout.experts):
-                    for local in split_expert(_stub(layout, part_name), layout):
+                    for local in locals_:
                         self._sources[f"{path}.{e}.{local}"] = (key, e, local)
 
     def names(self) -> list[str]:
@@ -85,9 +86,7 @@ class ModelWeights(WeightReader):
             return super().get(key)
         layout, part_name = self._layouts[key]
         with self._open(self._files[key]) as handle:
-            piece = handle.get_slice(key)[expert]
-        if piece.is_floating_point() and not bool(torch.isfinite(piece).all()):
-            return super().get(key)  # its message names the broken tensor
+            piece = self._finite(key, handle.get_slice(key)[expert])
         return split_expert({part_name: piece}, layout)[local]
 
     def shape(self, name: str) -> tuple[int, ...]:

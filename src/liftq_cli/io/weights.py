@@ -67,6 +67,10 @@ class WeightReader:
         # process's resident memory would grow to the whole checkpoint over a run.
         with self._open(self._files[name]) as handle:
             tensor = handle.get_tensor(name)
+        return self._finite(name, tensor)
+
+    def _finite(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (stored as `name`, or a slice of it), refused when not finite."""
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise BadInputError(
                 f"weight '{name}' in '{self._files[name]}' holds NaN or infinite values: the "

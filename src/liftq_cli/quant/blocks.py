@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from liftq_cli.errors import BadInputError
+from liftq_cli.io.model_weights import model_weights
 from liftq_cli.io.weights import WeightReader
 from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import LatticeConfig
@@ -35,7 +36,6 @@ from liftq_cli.quant.decoder import (
     LAYERS,
     LayerCall,
     build_skeleton,
-    checkpoint_reader,
     embed,
     find_layers,
     layer_calls,
@@ -47,6 +47,7 @@ from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.events import BlockDone, BlockReport, Progress
 from liftq_cli.quant.exchange import gram_stats, linear_kinds, share_correction, share_state
 from liftq_cli.quant.expert_stats import block_stats
+from liftq_cli.quant.experts import expert_layouts
 from liftq_cli.quant.ldlq import Encoder
 from liftq_cli.quant.parallel import SOLO, Ranks, Team
 from liftq_cli.quant.reconstruct import QuantizedLinear
@@ -255,7 +256,7 @@ def quantize_blocks(
     """
     device = torch.device(device)
     config, skeleton = build_skeleton(folder)
-    reader = checkpoint_reader(folder)
+    reader = model_weights(folder, config.model_type, expert_layouts(skeleton))
     farm = not settings.sequential and ranks.world > 1
     team = Team(SOLO if farm else ranks, settings.correction.batch, calib_ids.shape[0])
     whole = ranks.root or farm  # holds every window

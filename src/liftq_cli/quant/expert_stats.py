@@ -33,16 +33,16 @@ def block_stats(
     took the all-token fallback (the same on every rank: token counts are summed over
     ranks before anyone decides)."""
     stats, tokens = gram_stats(block, run, inputs, team, owner)
+    lists = expert_lists(block)
     idle = {
         path: frozenset(e for e in range(len(experts)) if tokens.get(f"{path}.{e}.up_proj", 0) == 0)
-        for path, experts in expert_lists(block).items()
+        for path, experts in lists.items()
     }
     idle = {path: gaps for path, gaps in idle.items() if gaps}
     if not idle:
         return stats, 0
     prefixes = tuple(f"{path}.{e}." for path, gaps in idle.items() for e in gaps)
     linears = {n: m for n, m in linear_kinds(block).items() if n.startswith(prefixes)}
-    lists = expert_lists(block)
     try:
         for path, gaps in idle.items():
             lists[path].route_all = gaps

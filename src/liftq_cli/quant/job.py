@@ -32,8 +32,8 @@ from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import CATALOG_CONFIGS, LatticeConfig
 from liftq_cli.plan.architectures import Architecture, from_hf_config, resolve_architecture
 from liftq_cli.quant import preflight
-from liftq_cli.quant.blocks import build_skeleton, checkpoint_reader, quantize_blocks
-from liftq_cli.quant.decoder import check_supported
+from liftq_cli.quant.blocks import build_skeleton, quantize_blocks
+from liftq_cli.quant.decoder import check_supported, checkpoint_reader
 from liftq_cli.quant.device import precision, resolve_device
 from liftq_cli.quant.events import PreflightReady, Progress
 from liftq_cli.quant.experts import expert_layouts
