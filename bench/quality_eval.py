@@ -40,7 +40,15 @@ class Evaluator:
             return self._from_gguf(out / "model.gguf")
         from safetensors import safe_open
 
-        if (out / "liftq.json").is_file():  # a whole fake-quantised HF folder: take its linears
+        if (out / "liftq.json").is_file() and not (out / "model.safetensors").is_file():
+            # today's compact `liftq quantize` output: codes, reconstructed as liftq eval does
+            from liftq_cli.runtime.quantized import dequantized_state
+
+            state = dequantized_state(out)
+            names = [k for k in state if LINEAR_WEIGHT.match(k)]
+            assert len(names) == len(self.shapes()), f"{out} lacks decoder linears"
+            return {k: state[k] for k in names}
+        if (out / "liftq.json").is_file():  # an older fake-quantised HF folder: its linears
             with safe_open(out / "model.safetensors", framework="pt") as handle:
                 names = [k for k in handle.keys() if LINEAR_WEIGHT.match(k)]  # noqa: SIM118 - not iterable
                 assert len(names) == len(self.shapes()), f"{out} lacks decoder linears"

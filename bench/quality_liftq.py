@@ -1,10 +1,11 @@
 """liftq rows of the quality bench: find or make `liftq quantize` output, count its bits.
 
-A row at B bits lives in bench/work/quality/liftq-B/ (e.g. liftq-2.4/), an HF folder with
-fake-quantised fp32 `model.safetensors` plus `liftq.json` (the lattice config of every linear
-and the calibration used). An existing folder is reused; otherwise `liftq quantize` runs in a
-child process with the bench's shared calibration text (`--calib FILE`), window count, length
-and seed, and its wall time and peak RSS are recorded beside the folder (liftq-B.run.json).
+A row at B bits lives in bench/work/quality/liftq-B/ (e.g. liftq-2.4/), a `liftq quantize` output
+(codes plus `liftq.json`: the lattice config of every linear and the calibration used; folders made
+before the compact output hold a fake-quantised fp32 `model.safetensors`). An existing folder is
+reused; otherwise `liftq quantize` runs in a child process with the bench's shared calibration text
+(`--calib FILE`), window count, length and seed, and its wall time and peak RSS are recorded beside
+the folder (liftq-B.run.json).
 
 Effective bits: for every decoder linear (o x i) at LQ-D/d, the packed layout of
 `liftq_cli.plan.memory` (codes ceil(ceil(i/d) * D / 32) 32-bit words per row, one fp16 scale

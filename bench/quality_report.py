@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-TEXTS = ("wikitext2", "wiki")
+TEXTS = ("wikitext2", "wiki", "shakespeare")  # bench/texts.py: the third, neither of the two
 
 
 @dataclass
@@ -48,8 +48,7 @@ def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
         "setting",
         "bits/w",
         "total MB",
-        "ppl wikitext2",
-        "ppl wiki",
+        *(f"ppl {t}" for t in TEXTS),
         "quant s",
         "peak RSS MB",
         "status",
@@ -68,8 +67,7 @@ def table_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
                 r.setting,
                 _num(r.bits_per_weight, "%.3f"),
                 _num(None if r.total_bytes is None else r.total_bytes / 1e6, "%.1f"),
-                _num(r.ppl.get("wikitext2"), "%.2f"),
-                _num(r.ppl.get("wiki"), "%.2f"),
+                *(_num(r.ppl.get(t), "%.2f") for t in TEXTS),
                 _num(r.quant_seconds, "%.1f"),
                 _num(r.peak_rss_mb, "%.0f"),
                 status,

@@ -31,7 +31,10 @@ def test_defaults_are_todays_cli_defaults():
         512,
     )
     assert (s.seed, s.whiten_steps, s.ldlq, s.sequential, s.mixed) == (0, 50, True, True, False)
-    assert s.correction == CorrectionConfig(steps=50, lr_codes=5e-4, lr_scales=3e-3, batch=2)
+    assert s.correction == CorrectionConfig(
+        steps=100, lr_codes=1e-3, lr_scales=6e-3, batch=2, heldout=4, eval_every=20, patience=2
+    )
+    assert (s.effort, s.whiten_rotations, s.search_beam) == ("default", "fixed", 0)
     assert s.finetune.steps == 0 and s.finetune.calib is None
 
 
@@ -128,3 +131,39 @@ def test_the_runs_recipe_keeps_the_plans_fields_and_takes_the_jobs_settings():
     assert (recipe.ctx, recipe.vram_bytes, recipe.predicted_bytes) == (4096, 10**9, 9 * 10**8)
     plain = for_job(QuantizeJob("m", Path("o"), CFG))
     assert plain.vram_bytes is None and plain.quantize == QuantizeSettings()
+
+
+def test_effort_presets_set_their_values_and_given_keys_win():
+    from liftq_cli.quantize_job import EFFORTS
+
+    assert set(EFFORTS) == {"fast", "default", "best"}
+    assert QuantizeSettings.preset("default") == QuantizeSettings()
+    fast, best = QuantizeSettings.preset("fast"), QuantizeSettings.preset("best", seed=2)
+    assert fast.effort == "fast" and fast.calibration.nsamples == 32
+    assert (fast.whiten_steps, fast.correction.steps, fast.correction.heldout) == (25, 40, 2)
+    assert best.calibration.nsamples == 256 and best.search_beam == 256
+    assert best.correction.steps == 500 and best.finetune.steps == 256
+    assert best.seed == best.finetune.seed == 2
+    # a recipe's keys override its preset's, key by key inside a section
+    mixed = settings_from_dict({"effort": "best", "correction": {"steps": 7}})
+    assert mixed.correction.steps == 7 and mixed.correction.heldout == 16
+    assert mixed.calibration.nsamples == 256
+    # every preset is written out whole, so the recipe reproduces it without the table
+    again = settings_from_dict(best.to_dict())
+    assert again == best
+
+
+@pytest.mark.parametrize(
+    ("section", "fragment"),
+    [
+        ({"effort": "max"}, "effort 'max' is unknown: use fast, default, best"),
+        ({"whiten_rotations": "learned"}, "whiten_rotations 'learned' is invalid"),
+        ({"search_beam": -1}, "quantize.search_beam -1 is invalid"),
+        ({"correction": {"heldout": -1}}, "quantize.correction.heldout -1 is invalid"),
+        ({"correction": {"eval_every": 0}}, "quantize.correction.eval_every 0 is invalid"),
+    ],
+)
+def test_bad_effort_and_new_settings_are_one_line_errors(section, fragment):
+    with pytest.raises(BadInputError, match=fragment.replace("(", r"\(")) as info:
+        settings_from_dict(section)
+    assert "\n" not in str(info.value)

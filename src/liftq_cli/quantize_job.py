@@ -82,15 +82,22 @@ class CalibrationSettings:
 
 @dataclass(frozen=True)
 class CorrectionConfig:
-    """Intra-block correction (quant/block_correction.py): Adam steps on the code latents
-    (lr_codes) and on the row and whitening scales (lr_scales), `batch` windows a step.
+    """Intra-block correction (quant/block_correction.py): at most `steps` Adam steps on the
+    code latents (lr_codes) and on the row and whitening scales (lr_scales), peak rates
+    decayed on a cosine to 0 over `steps`, `batch` windows a step. Latents start at
+    latent_init times each bit's pre-sign value. The last `heldout` calibration windows (at
+    most half) are not trained on: every `eval_every` steps the block is measured on them,
+    the best state is kept, and `patience` measurements without a gain stop the block.
     `seed` is set per block by the block stage (job seed x 1000 + layer)."""
 
-    steps: int = 50
-    lr_codes: float = 5e-4
-    lr_scales: float = 3e-3
+    steps: int = 100
+    lr_codes: float = 1e-3
+    lr_scales: float = 6e-3
     batch: int = 2
-    latent_init: float = 0.05
+    latent_init: float = 1.0
+    heldout: int = 4
+    eval_every: int = 20
+    patience: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,6 +107,9 @@ class CorrectionConfig:
         _non_negative(self.lr_scales, "correction.lr_scales", "quantize.correction.lr_scales")
         _int(self.batch, "correction.batch", "quantize.correction.batch", 1)
         _positive(self.latent_init, "correction.latent_init", "quantize.correction.latent_init")
+        _int(self.heldout, "correction.heldout", "quantize.correction.heldout", 0)
+        _int(self.eval_every, "correction.eval_every", "quantize.correction.eval_every", 1)
+        _int(self.patience, "correction.patience", "quantize.correction.patience", 1)
         _int(self.seed, "correction.seed", "--seed", 0)
 
 
@@ -139,15 +149,21 @@ class FinetuneConfig:
 class QuantizeSettings:
     """Every stage's settings: a recipe's `quantize:` section, one key per field.
 
-    whiten_steps: Adam steps on s1, s2; ldlq: encode with Hessian error feedback; sequential:
-    each block sees the quantized-so-far activations (False: full-precision inputs, blocks
-    independent); mixed: spend the lattice config's bits on average, spread over the linears
-    by measured sensitivity.
+    effort: the preset (EFFORTS) the other values started from, a label; whiten_steps: Adam
+    steps on s1, s2; whiten_rotations: fixed (random-sign Hadamard / DCT, the kernels' fast
+    path) or trained (Cayley, with s1, s2); search_beam: the encoder's beam (0: each
+    config's catalog beam); ldlq: encode with Hessian error feedback; sequential: each block
+    sees the quantized-so-far activations (False: full-precision inputs, blocks independent);
+    mixed: spend the lattice config's bits on average, spread over the linears by measured
+    sensitivity.
     """
 
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     seed: int = 0
+    effort: str = "default"
     whiten_steps: int = 50
+    whiten_rotations: str = "fixed"
+    search_beam: int = 0
     ldlq: bool = True
     sequential: bool = True
     mixed: bool = False
@@ -156,7 +172,17 @@ class QuantizeSettings:
 
     def __post_init__(self) -> None:
         _int(self.seed, "seed", "--seed", 0)
+        if self.effort not in EFFORTS:
+            raise BadInputError(
+                f"--effort {self.effort!r} is unknown: pass one of {', '.join(EFFORTS)}"
+            )
         _int(self.whiten_steps, "whiten_steps", "--whiten-steps", 0)
+        if self.whiten_rotations not in ("fixed", "trained"):
+            raise BadInputError(
+                f"whiten_rotations {self.whiten_rotations!r} is invalid "
+                "(quantize.whiten_rotations): use fixed or trained"
+            )
+        _int(self.search_beam, "search_beam", "quantize.search_beam", 0)
         _bool(self.ldlq, "ldlq", "--ldlq/--no-ldlq")
         _bool(self.sequential, "sequential", "--independent")
         _bool(self.mixed, "mixed", "--mixed")
@@ -169,13 +195,25 @@ class QuantizeSettings:
     def block_options(self) -> dict[str, Any]:
         """The block stage's settings as its fingerprint records them (work-dir `job.json`):
         the same keys as liftq 0.1's `QuantizeOptions`, so older work dirs still resume."""
-        return {
+        options = {
             "seed": self.seed,
             "whiten_steps": self.whiten_steps,
             "sequential": self.sequential,
             "ldlq": self.ldlq,
             "correction": _plain(self.correction),
         }
+        if self.whiten_rotations != "fixed":  # only then, so other work dirs keep resuming
+            options["whiten_rotations"] = self.whiten_rotations
+        if self.search_beam:
+            options["search_beam"] = self.search_beam
+        return options
+
+    @classmethod
+    def preset(cls, effort: str, seed: int = 0) -> QuantizeSettings:
+        """The settings of an effort preset (EFFORTS), with the job seed."""
+        if effort not in EFFORTS:
+            raise BadInputError(f"--effort {effort!r} is unknown: pass one of {', '.join(EFFORTS)}")
+        return settings_from_dict({"effort": effort, "seed": seed})
 
     def to_dict(self) -> dict[str, Any]:
         """YAML-ready values; derived seeds (correction.seed, finetune.seed) are left out."""
@@ -192,6 +230,27 @@ def _plain(obj: Any) -> dict[str, Any]:
         out[f.name] = _plain(value) if hasattr(value, "__dataclass_fields__") else value
     return out
 
+
+# What --effort (a recipe's quantize.effort) starts from; any other key or flag overrides it.
+# default is sized for 2 CPU cores (SmolLM2-135M at 2.4 bits: block stage within 1.5x of
+# the 50-step correction's time), fast for a first look, best for a GPU: 4x the
+# calibration tokens, a 4x encoder beam, 5x the correction steps with more held out, and
+# 256 fine-tuning steps.
+EFFORTS: dict[str, dict[str, Any]] = {
+    "fast": {
+        "calibration": {"nsamples": 32},
+        "whiten_steps": 25,
+        "correction": {"steps": 40, "eval_every": 10, "heldout": 2},
+    },
+    "default": {},
+    "best": {
+        "calibration": {"nsamples": 256},
+        "whiten_steps": 200,
+        "search_beam": 256,
+        "correction": {"steps": 500, "eval_every": 25, "patience": 4, "heldout": 16},
+        "finetune": {"steps": 256},
+    },
+}
 
 _SECTIONS = {"calibration": CalibrationSettings, "correction": CorrectionConfig}
 _SECTIONS["finetune"] = FinetuneConfig
@@ -214,6 +273,16 @@ def settings_from_dict(data: Any, source: str = "recipe") -> QuantizeSettings:
     """Validate a recipe's `quantize:` mapping (missing keys take their defaults)."""
     where = f"{source}: quantize"
     top = _section(QuantizeSettings, data, where)
+    effort = top.get("effort", "default")
+    if not isinstance(effort, str) or effort not in EFFORTS:
+        raise BadInputError(f"{where}: effort {effort!r} is unknown: use {', '.join(EFFORTS)}")
+    for key, value in EFFORTS[effort].items():  # the preset under the keys given
+        if isinstance(value, dict):
+            given = top.get(key, {})
+            if isinstance(given, Mapping):
+                top[key] = {**value, **given}
+        else:
+            top.setdefault(key, value)
     seed = top.get("seed", 0)
     try:
         _int(seed, "seed", "--seed", 0)

@@ -21,12 +21,12 @@ A recipe is a small YAML document with a format version:
       whiten_steps: 50
       ...
 
-`quantize:` maps one to one onto `quantize_job.QuantizeSettings`; missing keys take their
-defaults, so a version-1 recipe (a memory plan only, no such section) still loads and
-quantizes with today's defaults. `liftq quantize --recipe R` with no other setting reproduces
-the run that wrote R. `loads` validates every field (one-line `BadInputError` naming the field
-and the fix); `dumps(loads(text)) == text` for any text `dumps` wrote, and
-`loads(dumps(r)) == r`.
+`quantize:` maps one to one onto `quantize_job.QuantizeSettings`; missing keys take the
+values of its `effort` preset (`quantize_job.EFFORTS`; default: `default`), so a version-1
+recipe (a memory plan only, no such section) still loads and quantizes with today's defaults.
+`liftq quantize --recipe R` with no other setting reproduces the run that wrote R. `loads`
+validates every field (one-line `BadInputError` naming the field and the fix);
+`dumps(loads(text)) == text` for any text `dumps` wrote, and `loads(dumps(r)) == r`.
 """
 
 from __future__ import annotations

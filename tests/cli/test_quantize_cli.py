@@ -287,6 +287,26 @@ def test_the_recipe_a_run_writes_reproduces_it(cli, tmp_path, tiny_llama):
     assert section["seed"] == 3  # the rest still comes from the recipe
 
 
+def test_effort_presets_land_in_the_recipe_and_refuse_a_recipe(cli, tmp_path, tiny_llama):
+    import yaml
+
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_llama), "--config", "LQ-24/10", "--out", str(out)]
+    result = cli(*args, *tiny_args(tmp_path), "--effort", "fast", "--correction-steps", "3")
+    assert result.exit_code == 0, result.output
+    section = yaml.safe_load((out / "recipe.yaml").read_text())["quantize"]
+    assert section["effort"] == "fast" and section["whiten_steps"] == 25  # the preset's
+    assert section["correction"]["steps"] == 3  # a flag beside --effort wins
+    assert section["correction"]["heldout"] == 2 and section["calibration"]["nsamples"] == 2
+    again = tmp_path / "again"
+    result = cli("quantize", str(tiny_llama), "--recipe", str(out / "recipe.yaml"), "--out",
+                 str(again), "--effort", "best")  # fmt: skip
+    assert_one_line_error(result, "--effort best with --recipe")
+    assert not again.exists()
+    result = cli(*args[:-1], str(tmp_path / "x"), "--effort", "max")
+    assert_one_line_error(result, "--effort 'max' is unknown: pass one of fast, default, best")
+
+
 def test_a_recipe_for_another_model_is_refused_naming_both(cli, tmp_path, tiny_llama):
     recipe = Path(__file__).resolve().parents[2] / "recipes" / "llama-3-70b-24gb.yaml"
     out = tmp_path / "q"

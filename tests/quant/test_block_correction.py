@@ -162,7 +162,7 @@ class _Setup:
 def test_correction_lowers_the_error_and_reports_it_truly():
     setup = _Setup()
     before = setup.mse()
-    config = CorrectionConfig(steps=80, lr_codes=3e-3, batch=2)
+    config = CorrectionConfig(steps=80, lr_codes=3e-3, batch=2, heldout=0, latent_init=0.05)
     result = correct_block(setup.block, setup.inputs, setup.targets, lambda b, h: b(h), config)
     assert result.mse_before == _approx(before)
     assert result.mse_after == _approx(setup.mse())  # the block handed back has this error
@@ -184,7 +184,7 @@ def test_a_correction_that_hurts_is_rolled_back_exactly():
         passes.append(out)  # the full-error passes run without grad, in input order
         return out
 
-    config = CorrectionConfig(steps=30, lr_codes=0.05, batch=2)
+    config = CorrectionConfig(steps=30, lr_codes=0.05, batch=2, heldout=0)
     result = correct_block(setup.block, setup.inputs, setup.targets, run_block, config)
     assert len(passes) == 6  # two full passes of batches 2 + 2 + 1
     trained = float((torch.cat(passes[3:]) - setup.targets).pow(2).mean())
@@ -217,12 +217,13 @@ def test_block_correction_reduces_the_block_error():
         g = torch.Generator().manual_seed(0)
         wh = Whitening(torch.ones(k), orthogonal_init(a, g), orthogonal_init(b, g), torch.ones(k))
         q = quantize_linear(lin.weight.detach(), wh, cfg, matrix, brute_force_encode)
-        modules.append(CorrectableLinear(q, None, latent_init=0.05))
+        modules.append(CorrectableLinear(q, None, 1.0, q.margin))  # the job's start
     block = torch.nn.Sequential(modules[0], torch.nn.ReLU(), modules[1])
     result = correct_block(
         block, x, target, lambda m, h: m(h), CorrectionConfig(steps=150, batch=4)
     )
     assert result.mse_after < 0.8 * result.mse_before
+    assert result.heldout_after < result.heldout_before  # judged on windows it never saw
     assert 0 < result.flipped < 0.5
     exported = modules[0].export()
     with torch.no_grad():
@@ -252,3 +253,37 @@ def test_recomputing_the_weight_in_backward_gives_the_same_gradients(monkeypatch
         grads[recompute] = [loss.detach()] + [getattr(layer, n).grad for n in TRAINED]
     for plain, again in zip(grads[False], grads[True], strict=True):
         assert torch.equal(plain, again)
+
+
+def test_heldout_windows_are_never_trained_on_and_pick_the_kept_step():
+    """The last `heldout` windows are only ever run without gradients; they are measured every
+    `eval_every` steps, `patience` measurements without a gain stop training, and the kept
+    step is the measurement with the lowest held-out error."""
+    setup = _Setup()  # 5 windows: heldout 4 is capped at half, 2
+    trained_rows: list[torch.Tensor] = []
+    judged: list[float] = []
+    held = setup.inputs[3:]
+
+    def run_block(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        out = block(h)
+        if torch.is_grad_enabled():
+            trained_rows.append(h)
+        elif h.shape == held.shape and torch.equal(h, held):
+            judged.append(float((out - setup.targets[3:]).pow(2).mean()))
+        return out
+
+    config = CorrectionConfig(steps=400, lr_codes=3e-3, batch=2, eval_every=5, patience=2)
+    result = correct_block(setup.block, setup.inputs, setup.targets, run_block, config)
+    seen = torch.cat(trained_rows).flatten(1)
+    assert not any((seen == w.flatten()).all(1).any() for w in held)
+    assert len(trained_rows) < 400  # stopped early
+    measured = judged[1:]  # judged[0]: the start
+    assert result.heldout_before == _approx(judged[0])
+    best = min(range(len(measured)), key=measured.__getitem__)
+    if measured[best] < judged[0]:
+        assert result.steps == 5 * (best + 1)
+        assert result.heldout_after == _approx(measured[best])
+        assert len(measured) - 1 - best == config.patience  # stopped `patience` after it
+    else:
+        assert result.steps == 0 and result.heldout_after == _approx(judged[0])
+    assert result.mse_after <= result.mse_before

@@ -59,3 +59,27 @@ def test_fitting_cuts_the_proxy_error_on_outliers():
     wh, fitted = fit_whitening(w, gram, x.abs().mean(0), bits=2.4, steps=30)
     assert fitted < 0.3 * plain
     assert torch.allclose(wh.p1 @ wh.p1.T, torch.eye(24), atol=1e-5)
+
+
+def test_trained_rotations_stay_orthogonal_and_never_raise_the_proxy_error():
+    """rotations='trained' (Cayley-parametrised P1, P2, trained with s1, s2): the factors are
+    still orthogonal, they moved off the Hadamard start, the whitening is still an exact
+    identity, and the proxy error is no higher than with the fixed rotations."""
+    from liftq_cli.quant.whitening import lift_activation
+
+    g = torch.Generator().manual_seed(3)
+    n = 32
+    weight = torch.randn(48, n, generator=g)
+    x = torch.randn(256, n, generator=g) * torch.linspace(0.1, 4.0, n)
+    gram, act = x.T @ x, x.abs().mean(0)
+    fixed, err_fixed = fit_whitening(weight, gram, act, 2.4, steps=30, alphas=(0.0,))
+    trained, err_trained = fit_whitening(
+        weight, gram, act, 2.4, steps=30, alphas=(0.0,), rotations="trained"
+    )
+    assert err_trained <= err_fixed
+    for p, p0 in ((trained.p1, fixed.p1), (trained.p2, fixed.p2)):
+        assert torch.allclose(p @ p.T, torch.eye(p.shape[0]), atol=1e-5)
+        assert not torch.allclose(p, p0, atol=1e-4)
+    v = torch.randn(5, n, generator=g)
+    out = (whiten_weight(weight, trained) @ lift_activation(v, trained).T).T
+    torch.testing.assert_close(out, v @ weight.T, rtol=1e-4, atol=1e-4)

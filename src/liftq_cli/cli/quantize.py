@@ -33,6 +33,11 @@ def quantize_command(
     bits: float | None = typer.Option(None, "--bits", help="Target bits (nearest catalog config)."),
     config: str | None = typer.Option(None, "--config", help="Lattice config, e.g. LQ-24/10."),
     recipe: Path | None = typer.Option(None, "--recipe", help="Recipe YAML from `liftq plan`."),
+    effort: str | None = typer.Option(
+        None,
+        "--effort",
+        help="Preset: fast, default (sized for 2 CPU cores) or best (for a GPU); flags override.",
+    ),
     calib: str | None = typer.Option(
         None, "--calib", help="Calibration text: wiki or a text file (default: wiki)."
     ),
@@ -50,7 +55,9 @@ def quantize_command(
         None, "--whiten-steps", help="Adam steps on s1, s2 (default: 50)."
     ),
     correction_steps: int | None = typer.Option(
-        None, "--correction-steps", help="Steps per block (default: 50)."
+        None,
+        "--correction-steps",
+        help="Most steps per block; held-out windows stop it earlier (default: 100).",
     ),
     independent: bool | None = typer.Option(
         None, "--independent/--sequential", help="Feed every block full-precision inputs."
@@ -117,6 +124,13 @@ def quantize_command(
             f"give exactly one of --bits, --config or --recipe (got {', '.join(chosen) or 'none'})"
         )
     base, recipe_text, overrides = QuantizeSettings(), None, {}
+    if effort is not None:
+        if recipe is not None:
+            raise BadInputError(
+                f"--effort {effort} with --recipe: the recipe's quantize section sets every "
+                "value; edit its `effort:` key or drop --effort"
+            )
+        base = QuantizeSettings.preset(effort, seed or 0)
     if recipe is not None:
         from liftq_cli.recipe import load
 
@@ -203,7 +217,8 @@ def reporter(as_json: bool, bar: bool, update) -> Callable[[Event], None]:
             if log:
                 console.print(
                     f"block {r.layer + 1}/{event.layers}: output MSE "
-                    f"{r.mse_before:.4g} -> {r.mse_after:.4g}, {r.seconds:.0f} s",
+                    f"{r.mse_before:.4g} -> {r.mse_after:.4g}, {r.flipped:.3%} of code bits "
+                    f"flipped (step {r.correction_steps} kept), {r.seconds:.0f} s",
                     highlight=False,
                 )
             update("blocks", r.layer + 1, event.layers)

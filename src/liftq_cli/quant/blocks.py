@@ -161,6 +161,7 @@ def quantize_block(
             # Error feedback already favours the high-energy input channels; on
             # SmolLM2 the AWQ exponent then adds error (bench/ldlq.py).
             alphas=(0.0,) if settings.ldlq else (0.0, 0.25, 0.5, 0.75),
+            rotations=settings.whiten_rotations,
         )
         whiten = time.perf_counter() - tick
         tick = time.perf_counter()
@@ -172,7 +173,10 @@ def quantize_block(
             encode,
             gram=gram if settings.ldlq else None,
         )
-        done[name] = (quant.state(), [err, whiten, time.perf_counter() - tick])
+        state = quant.state()
+        if quant.margin is not None:  # the latents' start, for correction (not stored)
+            state["margin"] = quant.margin
+        done[name] = (state, [err, whiten, time.perf_counter() - tick])
     proxy = []
     spent = [[0.0, 0.0] for _ in range(ranks.world)]  # whiten, encode seconds of each rank
     for name, linear in linears.items():
@@ -184,7 +188,10 @@ def quantize_block(
         matrix = matrices(cfg).to(linear.weight.device, torch.float32)
         quant = QuantizedLinear.from_state(state, cfg, matrix)
         bias = None if linear.bias is None else linear.bias.detach()
-        _set_module(block, name, CorrectableLinear(quant, bias, settings.correction.latent_init))
+        margin = state.pop("margin", None)  # only the latents' start needs it
+        correctable = CorrectableLinear(quant, bias, settings.correction.latent_init, margin)
+        _set_module(block, name, correctable)
+        del margin
     correction = replace(settings.correction, seed=settings.seed * 1000 + layer)
     tick = time.perf_counter()
     result = None
@@ -207,6 +214,9 @@ def quantize_block(
         *max(spent, key=sum),  # the busiest rank's: what the block waited for
         seconds_correct,
         unrouted,
+        result.steps,
+        result.heldout_before,
+        result.heldout_after,
     )
     return linears_out, report
 

@@ -70,4 +70,39 @@ def quantize_linear(
     approx = ((codes.float() * 2 - 1) @ decode.T).reshape(weight.shape[0], -1)
     approx = approx[:, : weight.shape[1]]
     scale = row_scales(whitened, approx, metric)
-    return QuantizedLinear(cfg, weight.shape[1], codes, scale.float(), whitening, decode)
+    quant = QuantizedLinear(cfg, weight.shape[1], codes, scale.float(), whitening, decode)
+    quant.margin = flip_margins(quant, whitened, metric)
+    return quant
+
+
+def flip_margins(
+    quant: QuantizedLinear, whitened: torch.Tensor, metric: torch.Tensor | None
+) -> torch.Tensor:
+    """How sure each code bit is: the continuous pre-sign value of bit j, over its sign.
+
+    With E = s Q M^T - W T the row error in the whitened basis and H' the output-error metric
+    (identity without a Gram matrix), flipping bit j of slice k alone changes tr(E H' E^T) by
+        4 s^2 c_kj (1 - q_j (E H')_k . m_j / (s c_kj)),      c_kj = m_j^T H'_kk m_j,
+    and the Newton step of the relaxed code, q_j - g_j / c_kj, has the sign of q_j times the
+    bracket. That bracket is returned (float32 [out, slices, D]): about 1 for a bit at its
+    optimum, below 0 where the flip alone would lower the layer's output error. Block
+    correction starts its code latents from it, so the least sure bits flip first.
+    """
+    out, slices, _ = quant.codes.shape
+    d, n = quant.matrix.shape[0], quant.in_features
+    matrix = quant.matrix.to(whitened.device, torch.float32)
+    signs = quant.signs()
+    approx = (signs @ matrix.T).reshape(out, -1)[:, :n] * quant.scale.unsqueeze(1)
+    padded = torch.zeros(slices * d, slices * d, device=whitened.device)
+    if metric is None:
+        padded[:n, :n] = torch.eye(n, device=whitened.device)
+    else:
+        padded[:n, :n] = metric / metric.diagonal().mean().clamp_min(1e-12)
+    grad = torch.zeros(out, slices * d, device=whitened.device)
+    grad[:, :n] = (approx - whitened) @ padded[:n, :n]
+    blocks = torch.diagonal(padded.view(slices, d, slices, d), dim1=0, dim2=2)  # [d, d, S]
+    curvature = torch.einsum("abk,aj,bj->kj", blocks, matrix, matrix).clamp_min(1e-12)
+    linear = grad.view(out, slices, d) @ matrix  # [out, S, D]: (E H')_k . m_j
+    scale = quant.scale.view(-1, 1, 1)
+    scale = torch.where(scale.abs() < 1e-12, torch.full_like(scale, 1e-12), scale)
+    return 1 - signs * linear / (scale * curvature)

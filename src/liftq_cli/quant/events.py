@@ -25,6 +25,9 @@ class BlockReport:
     seconds_encode: float = 0.0
     seconds_correct: float = 0.0
     unrouted: int = 0  # experts no calibration token reached: calibrated on all tokens
+    correction_steps: int = 0  # the correction step whose state was kept (0: none helped)
+    heldout_before: float = 0.0  # block output MSE on the held-out windows (0.0: none)
+    heldout_after: float = 0.0
 
 
 @dataclass(frozen=True)

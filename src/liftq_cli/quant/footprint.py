@@ -148,7 +148,8 @@ def device_parts(
                 state += x.count * (16 * bits + 16 * (x.out + 2 * x.inp) + 4 * x.out * x.inp)
                 transient = max(transient, 4 * bits + 16 * x.out * x.inp)
             else:
-                state += x.count * (20 * bits + 16 * (x.out + 2 * x.inp) + 20 * x.out * x.inp)
+                # + the start and best snapshots of the latents (block_correction._snapshot)
+                state += x.count * (24 * bits + 16 * (x.out + 2 * x.inp) + 20 * x.out * x.inp)
         correct = max(correct, state + transient)
     correct += 4 * grams + activations(arch, corr.batch, calib.seqlen)
     return {

@@ -12,6 +12,7 @@ Everything comes from one `QuantizeJob`; every stage's result is kept in the wor
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -303,7 +304,7 @@ def _quantize_resolved(
         calibration.input_ids,
         work,
         load_catalog_matrix,
-        catalog_encode,
+        functools.partial(catalog_encode, beam=settings.search_beam),
         settings,
         identity,
         progress,

@@ -139,10 +139,12 @@ def catalog_search(cfg: LatticeConfig, folder: Path = CATALOG_DIR) -> SearchConf
     return replace(DEFAULT_SEARCH, beam=int(entry.get("search_beam", DEFAULT_SEARCH.beam)))
 
 
-def catalog_encode(x: Tensor, M: Tensor) -> Tensor:
-    """`encode` with the search of M's catalog entry (found by M's shape (d, D))."""
+def catalog_encode(x: Tensor, M: Tensor, beam: int = 0) -> Tensor:
+    """`encode` with the search of M's catalog entry (found by M's shape (d, D)); a beam > 0
+    replaces the entry's beam (quantize.search_beam)."""
     d, D = M.shape
-    return encode(x, M, catalog_search(LatticeConfig(D, d)))
+    search = catalog_search(LatticeConfig(D, d))
+    return encode(x, M, replace(search, beam=beam) if beam else search)
 
 
 def load_matrix_file(path: Path, cfg: LatticeConfig | None = None) -> Tensor:

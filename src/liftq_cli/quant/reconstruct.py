@@ -10,7 +10,7 @@ output, block correction's straight-through signs, fine-tuning and the packed ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,8 @@ class QuantizedLinear:
     scale: torch.Tensor  # float32 [out]
     whitening: Whitening
     matrix: torch.Tensor  # float32 [d, D]
+    # the encoder's per-bit flip margins (quant/encode.py flip_margins); not stored
+    margin: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def out_features(self) -> int:

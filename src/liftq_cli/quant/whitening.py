@@ -140,6 +140,13 @@ def proxy_error(
     return ((err @ gram) * err).sum() / ((weight @ gram) * weight).sum().clamp_min(1e-12)
 
 
+def cayley(skew_part: torch.Tensor) -> torch.Tensor:
+    """The orthogonal (I - K)^-1 (I + K) of K = A - A^T: identity at A = 0, differentiable."""
+    k = skew_part - skew_part.transpose(0, 1)
+    eye = torch.eye(k.shape[0], dtype=k.dtype, device=k.device)
+    return torch.linalg.solve(eye - k, eye + k)
+
+
 def fit_whitening(
     weight: torch.Tensor,
     gram: torch.Tensor,
@@ -149,11 +156,16 @@ def fit_whitening(
     lr: float = 5e-3,
     seed: int = 0,
     alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75),
+    rotations: str = "fixed",
+    lr_rotations: float = 3e-3,
 ) -> tuple[Whitening, float]:
     """Pick the AWQ exponent on the proxy, then train log s1 and log s2 with Adam.
 
     weight: [out, n] float32; gram: X^T X [n, n] of the layer's calibration inputs;
-    act_scale: mean |x| per input channel [n]. Returns the whitening and its proxy error.
+    act_scale: mean |x| per input channel [n]. rotations: "fixed" keeps the random-sign
+    Hadamard / DCT factors; "trained" also trains P1 and P2 as P0 cayley(A) (orthogonal by
+    construction, starting at P0) at lr_rotations, as the paper does. Returns the whitening
+    and its proxy error.
     """
     weight = weight.float()
     gram = gram.float() / gram.diagonal().mean().clamp_min(1e-12)
@@ -171,17 +183,31 @@ def fit_whitening(
         return wh, best[0]
     log_s1 = wh.s1.log().clone().requires_grad_(True)
     log_s2 = wh.s2.log().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([log_s1, log_s2], lr=lr)
-    best_err, best_state = best[0], (log_s1.detach().clone(), log_s2.detach().clone())
+    groups = [{"params": [log_s1, log_s2], "lr": lr}]
+    skews: list[torch.Tensor] = []
+    if rotations == "trained":
+        skews = [torch.zeros_like(p, requires_grad=True) for p in (wh.p1, wh.p2)]
+        groups.append({"params": skews, "lr": lr_rotations})
+    elif rotations != "fixed":
+        raise ValueError(f"rotations {rotations!r}: fixed or trained")
+    optimizer = torch.optim.Adam(groups)
+
+    def current() -> Whitening:
+        if not skews:
+            return Whitening(log_s1.exp(), wh.p1, wh.p2, log_s2.exp())
+        p1, p2 = (p @ cayley(a) for p, a in zip((wh.p1, wh.p2), skews, strict=True))
+        return Whitening(log_s1.exp(), p1, p2, log_s2.exp())
+
+    def frozen(w: Whitening) -> Whitening:
+        return Whitening(*(t.detach().clone() for t in (w.s1, w.p1, w.p2, w.s2)))
+
+    best_err, best_wh = best[0], frozen(current())
     for _ in range(steps):
-        current = Whitening(log_s1.exp(), wh.p1, wh.p2, log_s2.exp())
-        loss = proxy_error(weight, current, gram, bits)
+        candidate = current()
+        loss = proxy_error(weight, candidate, gram, bits)
         if float(loss.detach()) < best_err:
-            best_err, best_state = (
-                float(loss.detach()),
-                (log_s1.detach().clone(), log_s2.detach().clone()),
-            )
+            best_err, best_wh = float(loss.detach()), frozen(candidate)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return Whitening(best_state[0].exp(), wh.p1, wh.p2, best_state[1].exp()), best_err
+    return best_wh, best_err
