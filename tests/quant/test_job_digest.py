@@ -30,7 +30,10 @@ RUNS = {
 }  # fmt: skip
 DIGESTS = {
     "uniform": "18d87f9020136f6b0f0892fd0160b29c411e94eac477d4735654e7c34764291d",
-    "mixed": "b1e0243cb372fb892f376b80e0791ff614083b1ffd8e3efcb9156c1f6cfbf34a",
+    # issue 23 changed the block correction on purpose (pre-sign latents, held-out windows, new
+    # rates): the mixed run's output changed with it (re-pinned at b76ac5b); the uniform run
+    # still gives the digest pinned at 7ad2afd
+    "mixed": "673c995a741156465f4142296a8c5eb2bc624d15fca317ea9334accb6affd228",
 }
 
 
