@@ -142,6 +142,7 @@ def quantize(spec: Spec, inputs: Inputs, row: Row) -> Path | None:
             "--calib-text", str(inputs.calib_txt), "--seqlen", str(inputs.seqlen),
             "--bits", str(spec.bits), "--group", str(spec.group), "--ftype", spec.ftype or "none",
             "--llama-dir", str(PEER_VENV / "llama.cpp"), "--seed", str(inputs.seed),
+            "--iters", str(spec.iters), "--avg-bits", str(spec.target_bits),
         ]  # fmt: skip
         print(f"[{spec.id}] quantizing ({python.parent.parent.name}) ...", flush=True)
         code, wall, rss = run_child(cmd, out / "child.log", CHILD_TIMEOUT_S)

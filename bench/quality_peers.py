@@ -2,7 +2,8 @@
 
     python bench/quality_peers.py METHOD --model-dir DIR --calib CALIB.pt --out DIR ...
 
-METHOD is rtn (our floor, product venv), gptq (llmcompressor), hqq or llamacpp (peer venv).
+METHOD is rtn (our floor, product venv), gptq (llmcompressor), hqq, llamacpp or autoround
+(peer venv).
 Each writes into --out:
   * meta.json: quantized linear weights, their storage bits (codes, scales, zeros, packing
     padding: computed from the tensors or the format, never quoted), quantization seconds,
@@ -314,7 +315,100 @@ def run_llamacpp(args, out: Path) -> dict:
     }
 
 
-METHODS = {"rtn": run_rtn, "gptq": run_gptq, "hqq": run_hqq, "llamacpp": run_llamacpp}
+# --- autoround ---------------------------------------------------------------------------------
+
+
+def _autoround_grid(linear, name: str) -> tuple[torch.Tensor, int]:
+    """The weight AutoRound's kernel decodes, from the module it leaves behind: integer codes
+    recovered from its fake-quantized weight, times its fp16 per-group scale (and zero point)
+    in fp32 (the module keeps a bf16 copy, coarser than the shipped scale x code). Returns the
+    weight and the layer's group size."""
+    bits, group = int(linear.bits), int(linear.group_size)
+    rows, cols = linear.weight.shape
+    w = linear.weight.detach().float()
+    scale = linear.scale.detach().float().reshape(rows, -1)
+    assert scale.shape[1] == math.ceil(cols / group), f"{name}: scale shape {tuple(scale.shape)}"
+    scale = scale.repeat_interleave(group, dim=1)[:, :cols]
+    if linear.sym:  # q in [-2^(b-1), 2^(b-1) - 1], w = s q
+        low, high, zero = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, torch.zeros_like(scale)
+    else:  # q in [0, 2^b - 1], w = s (q - z)
+        zp = torch.as_tensor(linear.zp).detach().float().reshape(rows, -1)
+        low, high, zero = 0, 2**bits - 1, zp.repeat_interleave(group, dim=1)[:, :cols]
+    grid = w / scale + zero
+    codes = grid.round()
+    off = float((grid - codes).abs().max())
+    assert off < 0.1 and codes.min() >= low and codes.max() <= high, f"{name}: off grid ({off})"
+    return scale * (codes - zero), group
+
+
+def autoround_storage_bits(rows: int, cols: int, bits: int, group: int) -> int:
+    """One linear in auto_round's export format (GPTQ packing): codes packed in int32 along
+    the input dim, one fp16 scale per group, zero points packed along the output dim (stored
+    for symmetric layers too, as the constant 2^(b-1))."""
+    groups = math.ceil(cols / group)
+    return (
+        rows * math.ceil(cols * bits / 32) * 32
+        + rows * groups * SHIPPED_SCALE_BITS
+        + groups * math.ceil(rows * bits / 32) * 32
+    )
+
+
+def run_autoround(args, out: Path) -> dict:
+    from auto_round import AutoRound, AutoScheme
+    from transformers import AutoTokenizer
+
+    calib = torch.load(args.calib)
+    model = load_fp_model(args.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    preset = f"W{args.bits}A16G{args.group}"
+    scheme = preset
+    if args.avg_bits:  # AutoScheme: per-layer mix of the options at this average (scales incl.)
+        scheme = AutoScheme(avg_bits=args.avg_bits, options=f"{preset},W4A16G{args.group}")
+    start = time.perf_counter()
+    rounder = AutoRound(
+        model,
+        tokenizer=tokenizer,
+        scheme=scheme,
+        dataset=[calib[i : i + 1] for i in range(calib.shape[0])],
+        nsamples=calib.shape[0],
+        seqlen=calib.shape[1],
+        iters=args.iters,
+        batch_size=min(8, calib.shape[0]),
+        device_map="cpu",
+        seed=args.seed,
+    )
+    model, _ = rounder.quantize()
+    seconds = time.perf_counter() - start
+    weights, n, storage, mix = {}, 0, 0, {}
+    for name, linear in quantized_linears(model):
+        rows, cols = linear.weight.shape
+        bits = int(linear.bits)
+        w, group = _autoround_grid(linear, name)
+        storage += autoround_storage_bits(rows, cols, bits, group)
+        weights[f"{name}.weight"] = w
+        n += w.numel()
+        kind = f"W{bits}A16G{group}" + ("" if linear.sym else " asym")
+        mix[kind] = mix.get(kind, 0) + 1
+    save_weights(out, weights)
+    return {
+        "linear_weights": n,
+        "linear_storage_bits": storage,
+        "bits_rule": "auto_round export format: int32-packed codes + fp16 scale + packed zero "
+        "point per group; layer schemes: " + ", ".join(f"{k} x{v}" for k, v in sorted(mix.items())),
+        "layer_schemes": mix,
+        "quant_seconds": seconds,
+        "library": f"auto-round {version('auto-round')}, transformers {version('transformers')}",
+        "uses_calibration": True,
+    }
+
+
+METHODS = {
+    "rtn": run_rtn,
+    "gptq": run_gptq,
+    "hqq": run_hqq,
+    "llamacpp": run_llamacpp,
+    "autoround": run_autoround,
+}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -329,6 +423,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--group", type=int, default=128)
     parser.add_argument("--ftype", default="IQ2_XS", help="llama-quantize type (llamacpp)")
     parser.add_argument("--llama-dir", type=Path, help="bench/.venv-peers/llama.cpp")
+    parser.add_argument("--iters", type=int, default=200, help="steps per block (autoround)")
+    parser.add_argument(
+        "--avg-bits", type=float, default=0.0, help="AutoScheme average (autoround)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     return parser.parse_args(argv)

@@ -25,6 +25,7 @@ CHILD_CODE = (CHILD, ROOT / "bench" / "quality_rtn.py")
 CHILD_TIMEOUT_S = 3 * 3600
 FINETUNE_STEPS = 48  # liftq -ft rows: 4 fresh windows per step (FinetuneConfig.batch)
 LONG_FINETUNE_STEPS, LONG_FINETUNE_LR = 96, 2e-3  # the -ft96 row
+AUTOROUND_ITERS = 200  # auto-round's default steps per block (its "best" recipe: 1000)
 LIFTQ_ONLY = ("finetune_steps", "finetune_lr", "mixed")  # Spec fields no peer row's key has
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -40,10 +41,11 @@ class Spec:
     bits: int = 0
     group: int = 0
     ftype: str = ""
-    target_bits: float = 0.0  # liftq rows: the requested fractional bit-width
+    target_bits: float = 0.0  # liftq rows: the requested bit-width; autoround: AutoScheme avg
     finetune_steps: int = 0  # liftq -ft rows: `--finetune-steps` (block stage shared)
     finetune_lr: float = 0.0  # liftq rows: `--finetune-lr` when set (else the CLI default)
     mixed: bool = False  # liftq -mixed rows: `--mixed` (same average bits, spread by sensitivity)
+    iters: int = 0  # autoround rows: tuning steps per block (its default, 200)
 
 
 def all_specs() -> list[Spec]:
@@ -56,6 +58,17 @@ def all_specs() -> list[Spec]:
         specs.append(Spec(f"gptq-b{bits}-g64", "gptq", f"{bits}-bit g64 asym", "peers", bits, 64))
     for bits in (2, 3):
         specs.append(Spec(f"hqq-b{bits}-g64", "hqq", f"{bits}-bit g64", "peers", bits, 64))
+    for bits, avg in ((2, 0.0), (2, 2.4)):  # AutoRound's own preset; AutoScheme's mixed bits
+        if avg:
+            setting = f"AutoScheme avg_bits {avg} (W2A16G64 / W4A16G64), {AUTOROUND_ITERS} iters"
+            row_id = f"autoround-scheme-{avg}"
+        else:
+            setting = f"W{bits}A16G64 ({bits}-bit g64 sym), {AUTOROUND_ITERS} iters"
+            row_id = f"autoround-b{bits}-g64"
+        specs.append(
+            Spec(row_id, "autoround", setting, "peers", bits, 64, target_bits=avg,
+                 iters=AUTOROUND_ITERS)
+        )  # fmt: skip
     for ftype, nominal in (("IQ2_XS", 2.31), ("IQ2_S", 2.5), ("IQ2_M", 2.7), ("IQ3_XXS", 3.06)):
         setting = f"{ftype} ({nominal} nominal) + imatrix"
         specs.append(Spec(f"llamacpp-{ftype}", "llamacpp", setting, "peers", ftype=ftype))

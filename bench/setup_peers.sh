@@ -16,7 +16,8 @@ TORCH="torch==2.13.0"
 LLAMA_CPP_PYTHON="llama-cpp-python==0.3.36"
 # One step per package, so one failure does not stop the others (sentencepiece: for
 # llama.cpp's convert_hf_to_gguf.py).
-PEERS=("hqq==0.2.8.post1" "gguf==0.19.0" "llmcompressor==0.14.0.1" "sentencepiece==0.2.3")
+PEERS=("hqq==0.2.8.post1" "gguf==0.19.0" "llmcompressor==0.14.0.1" "sentencepiece==0.2.3"
+    "auto-round==0.16.1")
 LOG="$VENV/setup.log"
 
 if [ ! -x "$VENV/bin/python" ]; then
