@@ -69,6 +69,18 @@ def save_weights(out: Path, weights: dict[str, torch.Tensor]) -> None:
     save_file({k: v.float().contiguous() for k, v in weights.items()}, out / "weights.safetensors")
 
 
+def packed_storage_bits(rows: int, cols: int, bits: int, group: int) -> int:
+    """One linear in GPTQ packing (compressed-tensors' pack-quantized, auto_round's export):
+    codes packed in int32 along the input dim, one fp16 scale per group, zero points packed
+    along the output dim (auto_round stores them for symmetric layers too, as 2^(b-1))."""
+    groups = math.ceil(cols / group)
+    return (
+        rows * math.ceil(cols * bits / 32) * 32
+        + rows * groups * SHIPPED_SCALE_BITS
+        + groups * math.ceil(rows * bits / 32) * 32
+    )
+
+
 # --- rtn: our floor ---------------------------------------------------------------------------
 
 
@@ -138,12 +150,7 @@ def run_gptq(args, out: Path) -> dict:
     weights, n, storage = {}, 0, 0
     for name, linear in quantized_linears(model):
         rows, cols = linear.weight.shape
-        groups = linear.weight_scale.shape[-1]
-        # compressed-tensors' pack-quantized format: codes packed densely into int32 along
-        # the input dim, zero points packed along the output dim, scales one per group.
-        codes = rows * math.ceil(cols * args.bits / 32) * 32
-        scales = linear.weight_scale.numel() * SHIPPED_SCALE_BITS
-        zeros = groups * math.ceil(rows * args.bits / 32) * 32
+        assert linear.weight_scale.shape == (rows, math.ceil(cols / args.group)), name
         w = linear.weight.detach()
         # The weight left in the module must be on its group's grid: (w / s + z) integral and
         # within the 2^b codes, i.e. GPTQ's fake-quantized weight, not the fp one.
@@ -155,7 +162,8 @@ def run_gptq(args, out: Path) -> dict:
         assert off < 1e-2 and span <= 2**args.bits - 1, f"{name}: off grid ({off}, {span})"
         weights[f"{name}.weight"] = w
         n += w.numel()
-        storage += codes + scales + zeros
+        # compressed-tensors' pack-quantized format packs as GPTQ does
+        storage += packed_storage_bits(rows, cols, args.bits, args.group)
     save_weights(out, weights)
     return {
         "linear_weights": n,
@@ -341,18 +349,6 @@ def _autoround_grid(linear, name: str) -> tuple[torch.Tensor, int]:
     return scale * (codes - zero), group
 
 
-def autoround_storage_bits(rows: int, cols: int, bits: int, group: int) -> int:
-    """One linear in auto_round's export format (GPTQ packing): codes packed in int32 along
-    the input dim, one fp16 scale per group, zero points packed along the output dim (stored
-    for symmetric layers too, as the constant 2^(b-1))."""
-    groups = math.ceil(cols / group)
-    return (
-        rows * math.ceil(cols * bits / 32) * 32
-        + rows * groups * SHIPPED_SCALE_BITS
-        + groups * math.ceil(rows * bits / 32) * 32
-    )
-
-
 def run_autoround(args, out: Path) -> dict:
     from auto_round import AutoRound, AutoScheme
     from transformers import AutoTokenizer
@@ -384,7 +380,7 @@ def run_autoround(args, out: Path) -> dict:
         rows, cols = linear.weight.shape
         bits = int(linear.bits)
         w, group = _autoround_grid(linear, name)
-        storage += autoround_storage_bits(rows, cols, bits, group)
+        storage += packed_storage_bits(rows, cols, bits, group)
         weights[f"{name}.weight"] = w
         n += w.numel()
         kind = f"W{bits}A16G{group}" + ("" if linear.sym else " asym")

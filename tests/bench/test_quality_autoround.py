@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from bench.quality_peers import _autoround_grid, autoround_storage_bits
+from bench.quality_peers import _autoround_grid, packed_storage_bits
 from bench.quality_specs import AUTOROUND_ITERS, all_specs
 
 
@@ -28,7 +28,7 @@ def test_autoround_rows_carry_preset_iters_and_average():
     ],
 )
 def test_storage_bits_as_the_export_packs_them(rows, cols, bits, group, expected):
-    got = autoround_storage_bits(rows, cols, bits, group) / (rows * cols)
+    got = packed_storage_bits(rows, cols, bits, group) / (rows * cols)
     assert got == pytest.approx(expected, abs=1e-12)
 
 
