@@ -349,6 +349,24 @@ def _autoround_grid(linear, name: str) -> tuple[torch.Tensor, int]:
     return scale * (codes - zero), group
 
 
+def _autoround_text_calibration(calib: torch.Tensor, tokenizer, path: Path) -> int:
+    """AutoScheme (auto-round 0.16.1) takes calibration only as a dataset name or a local
+    .json path, so the windows go in as text: window i decoded with the first 64 tokens of the
+    next (auto-round truncates at seqlen and drops shorter samples). Returns how many windows
+    re-tokenize to exactly the same ids."""
+    n, seqlen = calib.shape
+    texts, same = [], 0
+    for i in range(n):
+        ids = calib[i].tolist() + calib[(i + 1) % n][:64].tolist()
+        text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        same += (
+            tokenizer(text, truncation=True, max_length=seqlen)["input_ids"] == calib[i].tolist()
+        )
+        texts.append(text)
+    path.write_text(json.dumps(texts))
+    return same
+
+
 def run_autoround(args, out: Path) -> dict:
     from auto_round import AutoRound, AutoScheme
     from transformers import AutoTokenizer
@@ -357,15 +375,21 @@ def run_autoround(args, out: Path) -> dict:
     model = load_fp_model(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     preset = f"W{args.bits}A16G{args.group}"
-    scheme = preset
+    scheme, dataset = preset, [calib[i : i + 1] for i in range(calib.shape[0])]
+    calibration = f"{calib.shape[0]} token windows of {calib.shape[1]}"
     if args.avg_bits:  # AutoScheme: per-layer mix of the options at this average (scales incl.)
         scheme = AutoScheme(avg_bits=args.avg_bits, options=f"{preset},W4A16G{args.group}")
+        out.mkdir(parents=True, exist_ok=True)
+        dataset = out / "calibration.json"
+        same = _autoround_text_calibration(calib, tokenizer, dataset)
+        dataset = str(dataset)
+        calibration += f" as text ({same} re-tokenize to the same ids)"
     start = time.perf_counter()
     rounder = AutoRound(
         model,
         tokenizer=tokenizer,
         scheme=scheme,
-        dataset=[calib[i : i + 1] for i in range(calib.shape[0])],
+        dataset=dataset,
         nsamples=calib.shape[0],
         seqlen=calib.shape[1],
         iters=args.iters,
@@ -393,6 +417,7 @@ def run_autoround(args, out: Path) -> dict:
         "point per group; layer schemes: " + ", ".join(f"{k} x{v}" for k, v in sorted(mix.items())),
         "layer_schemes": mix,
         "quant_seconds": seconds,
+        "calibration": calibration,
         "library": f"auto-round {version('auto-round')}, transformers {version('transformers')}",
         "uses_calibration": True,
     }

@@ -58,7 +58,7 @@ def all_specs() -> list[Spec]:
         specs.append(Spec(f"gptq-b{bits}-g64", "gptq", f"{bits}-bit g64 asym", "peers", bits, 64))
     for bits in (2, 3):
         specs.append(Spec(f"hqq-b{bits}-g64", "hqq", f"{bits}-bit g64", "peers", bits, 64))
-    for bits, avg in ((2, 0.0), (2, 2.4)):  # AutoRound's own preset; AutoScheme's mixed bits
+    for bits, avg in ((2, 0.0), (3, 0.0), (2, 2.4), (2, 3.0)):  # presets; AutoScheme mixes
         if avg:
             setting = f"AutoScheme avg_bits {avg} (W2A16G64 / W4A16G64), {AUTOROUND_ITERS} iters"
             row_id = f"autoround-scheme-{avg}"

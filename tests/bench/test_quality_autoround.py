@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
-from bench.quality_peers import _autoround_grid, packed_storage_bits
+from bench.quality_peers import _autoround_grid, _autoround_text_calibration, packed_storage_bits
 from bench.quality_specs import AUTOROUND_ITERS, all_specs
 
 
@@ -16,6 +17,29 @@ def test_autoround_rows_carry_preset_iters_and_average():
     assert (plain.method, plain.venv, plain.bits, plain.group) == ("autoround", "peers", 2, 64)
     assert plain.iters == mixed.iters == AUTOROUND_ITERS and plain.target_bits == 0.0
     assert mixed.target_bits == 2.4
+    assert {"autoround-b3-g64", "autoround-scheme-3.0"} <= set(specs)  # the issue's four rows
+    assert specs["autoround-b3-g64"].bits == 3 and specs["autoround-scheme-3.0"].target_bits == 3.0
+
+
+class WordTokenizer:
+    """Token i is the word w{i}; ids above 90 decode to a word that re-tokenizes as two."""
+
+    def decode(self, ids, clean_up_tokenization_spaces=True):
+        return " ".join(f"w{i}" if i <= 90 else f"w{i // 10} w{i % 10}" for i in ids)
+
+    def __call__(self, text, truncation=True, max_length=None):
+        ids = [int(w[1:]) for w in text.split()]
+        return {"input_ids": ids[:max_length] if truncation else ids}
+
+
+def test_autoscheme_calibration_is_the_same_windows_as_text(tmp_path):
+    # AutoScheme takes only a dataset name or a .json path: each window goes in as text,
+    # padded with the next window's start (auto-round drops samples shorter than seqlen).
+    calib = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8], [9, 95, 10, 11]])
+    same = _autoround_text_calibration(calib, WordTokenizer(), tmp_path / "c.json")
+    texts = json.loads((tmp_path / "c.json").read_text())
+    assert texts[0] == "w1 w2 w3 w4 w5 w6 w7 w8" and texts[2].startswith("w9 w9 w5 w10")
+    assert same == 2  # window 2 holds id 95, which does not survive the round trip
 
 
 @pytest.mark.parametrize(

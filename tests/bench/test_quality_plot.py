@@ -41,7 +41,6 @@ def test_curves_join_plain_and_fine_tuned_rows_by_bits_and_leave_variants_out():
 
 
 def test_plot_is_a_png_with_one_panel_per_text(tmp_path: Path):
-    pytest.importorskip("matplotlib")
     from PIL import Image
 
     out = write_plot(ROWS, ["wikitext2", "shakespeare"], tmp_path / "q.png", "test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -9,7 +10,8 @@ from rich.table import Table
 
 from liftq_cli.cli._common import console, emit_json, err_console, handle_errors, interactive
 from liftq_cli.errors import BadInputError
-from liftq_cli.hub.card import render_card
+from liftq_cli.hub.card import quantization, render_card
+from liftq_cli.hub.compare import COMPARE_PNG, compare, compare_section, read_bench
 from liftq_cli.hub.folder import CARD_FILENAME, base_model_id, read_folder
 from liftq_cli.hub.upload import (
     check_repo_id,
@@ -55,6 +57,12 @@ def push_command(
     license_id: str | None = typer.Option(
         None, "--license", help="Licence id for the card (default: the base model's)."
     ),
+    compare_json: Path | None = typer.Option(
+        None,
+        "--compare",
+        help="A quality bench result (bench/results/quality.json): put this model's point on "
+        "its bits/w vs perplexity plot in the card (needs an eval with the bench's protocol).",
+    ),
     message: str | None = typer.Option(None, "--message", "-m", help="Commit message."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead."),
 ) -> None:
@@ -67,8 +75,19 @@ def push_command(
             f"`liftq pack {packed_dir} --out PACKED` and push PACKED"
         )
     info = read_folder(packed_dir, eval_json)
+    base_id = base_model_id(info, base_model)
+    section, extra = None, {}
+    if compare_json is not None:  # checked before the token: a bad bench file costs no login
+        found = compare(
+            info, read_bench(compare_json), base_id, quantization(info).stored_bits,
+            compare_json.name,
+        )  # fmt: skip
+        section, extra = compare_section(found), {COMPARE_PNG: found.png()}
     token, source = (None, "") if dry_run else resolve_token()
-    base, warnings = describe_base(info, base_model_id(info, base_model), license_id, token)
+    base, warnings = describe_base(info, base_id, license_id, token)
+    if any(f.path_in_repo in extra for f in info.files):
+        warnings.append(f"{packed_dir}/{COMPARE_PNG} is not uploaded: --compare draws it anew")
+        info = replace(info, files=[f for f in info.files if f.path_in_repo not in extra])
     if info.quantization_config is None:
         warnings.append(
             f"{packed_dir}/config.json has no quantization_config: this is not a packed folder "
@@ -76,11 +95,12 @@ def push_command(
         )
     if info.own_readme:
         warnings.append(f"{packed_dir}/README.md is not uploaded: the generated card replaces it")
-    card = render_card(info, base, repo)
+    card = render_card(info, base, repo, section)
     if dry_run:
         _warn(warnings, as_json)
         files = [{"path": f.path_in_repo, "bytes": f.size} for f in info.files]
         files.append({"path": CARD_FILENAME, "bytes": len(card.encode("utf-8"))})
+        files += [{"path": k, "bytes": len(v)} for k, v in extra.items()]
         if as_json:
             emit_json(
                 {
@@ -115,6 +135,7 @@ def push_command(
         private=private,
         message=message,
         show_progress=interactive() and not as_json,
+        extra=extra,
     )
     result.warnings = warnings + result.warnings
     if as_json:

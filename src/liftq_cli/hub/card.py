@@ -3,7 +3,8 @@
 Pure functions of a `FolderInfo` and the base model's facts: the YAML front matter
 (base_model, base_model_relation, library_name, pipeline_tag, license, tags) followed by the
 quantisation (lattice configs, bits per weight), the versions (liftq, checkpoint and packed
-format), the evaluation table with its protocol, the GPU memory needed at common context
+format), the evaluation table with its protocol, optionally the model's point on the quality
+bench (`liftq push --compare`, hub/compare.py), the GPU memory needed at common context
 lengths (liftq's planner memory model, `plan.memory.model_breakdown`), and the recipe.
 """
 
@@ -333,8 +334,14 @@ def _versions(info: FolderInfo) -> list[str]:
     return rows
 
 
-def render_card(info: FolderInfo, base: BaseInfo, repo_id: str | None = None) -> str:
-    """README.md text: YAML front matter, then the sections described in the module doc."""
+def render_card(
+    info: FolderInfo,
+    base: BaseInfo,
+    repo_id: str | None = None,
+    compare: list[str] | None = None,
+) -> str:
+    """README.md text: YAML front matter, then the sections described in the module doc;
+    `compare` (hub/compare.compare_section) adds "How it compares" after the evaluation."""
     quant = quantization(info)
     meta = front_matter(info, base, quant)
     head = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
@@ -374,6 +381,8 @@ def render_card(info: FolderInfo, base: BaseInfo, repo_id: str | None = None) ->
     out += _versions(info)
     out.append(f"| license | {base.license or 'see the base model'} |")
     out += ["", "## Evaluation", ""] + eval_section(info)
+    if compare:
+        out += ["", "## How it compares", ""] + compare
     out += ["", "## GPU memory", ""] + vram_section(quant)
     recipe = info.recipe_text
     out += ["", "## Recipe", ""]

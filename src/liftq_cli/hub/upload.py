@@ -246,8 +246,10 @@ def push(
     private: bool = False,
     message: str | None = None,
     show_progress: bool = False,
+    extra: dict[str, bytes] | None = None,
 ) -> PushResult:
-    """Create or reuse `repo_id`, commit the folder and `card`, and verify config.json."""
+    """Create or reuse `repo_id`, commit the folder, `card` and the generated `extra` files
+    ({path in repo: bytes}, e.g. the card's picture), and verify config.json."""
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import RepositoryNotFoundError
 
@@ -285,6 +287,7 @@ def push(
             for f in info.files
         ]
         additions.append(CommitOperationAdd(CARD_FILENAME, card.encode("utf-8")))
+        additions += [CommitOperationAdd(k, v) for k, v in (extra or {}).items()]
         with stage(f"uploading {len(additions)} files", ctx):
             api.preupload_lfs_files(repo_id, additions=additions, revision=revision)
         summary = message or f"Upload {info.folder.name} with liftq {__version__}"
@@ -297,6 +300,7 @@ def push(
     base_url = f"{endpoint()}/{repo_id}"
     files = [{"path": f.path_in_repo, "bytes": f.size} for f in info.files]
     files.append({"path": CARD_FILENAME, "bytes": len(card.encode("utf-8"))})
+    files += [{"path": k, "bytes": len(v)} for k, v in (extra or {}).items()]
     return PushResult(
         repo_id=repo_id,
         url=base_url if revision == "main" else f"{base_url}/tree/{revision}",
