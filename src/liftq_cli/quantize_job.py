@@ -80,6 +80,11 @@ class CalibrationSettings:
         _int(self.seqlen, "calibration.seqlen", "--seqlen", 2)
 
 
+# mse: the block output's squared error, every token alike; token: each token's squared error
+# relative to its full-precision output's norm (what the next block's RMSNorm passes on).
+CORRECTION_LOSSES = ("mse", "token")
+
+
 @dataclass(frozen=True)
 class CorrectionConfig:
     """Intra-block correction (quant/block_correction.py): at most `steps` Adam steps on the
@@ -88,7 +93,8 @@ class CorrectionConfig:
     latent_init times each bit's pre-sign value. The last `heldout` calibration windows (at
     most half) are not trained on: every `eval_every` steps the block is measured on them,
     the best state is kept, and `patience` measurements without a gain stop the block.
-    `seed` is set per block by the block stage (job seed x 1000 + layer)."""
+    `loss` is what is minimised and judged (CORRECTION_LOSSES). `seed` is set per block by
+    the block stage (job seed x 1000 + layer)."""
 
     steps: int = 100
     lr_codes: float = 1e-3
@@ -98,9 +104,14 @@ class CorrectionConfig:
     heldout: int = 4
     eval_every: int = 20
     patience: int = 2
+    loss: str = "mse"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.loss not in CORRECTION_LOSSES:
+            raise BadInputError(
+                f"correction.loss {self.loss!r} is unknown: use {' or '.join(CORRECTION_LOSSES)}"
+            )
         _int(self.steps, "correction.steps", "--correction-steps", 0)
         # 0 freezes that group (bench/correction.py: "scales only")
         _non_negative(self.lr_codes, "correction.lr_codes", "quantize.correction.lr_codes")

@@ -11,6 +11,7 @@ import torch
 from tests.quant.test_encode import brute_force_encode, tiny_matrix
 from torch import nn
 
+from liftq_cli.errors import BadInputError
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant.block_correction import CorrectableLinear, correct_block, ste_sign
 from liftq_cli.quant.encode import quantize_linear
@@ -138,11 +139,17 @@ class _Setup:
         ]
         self.block = nn.Sequential(self.linears[0], nn.ReLU(), self.linears[1], self.head)
         self.inputs = torch.randn(5, 3, 16, generator=g)  # 5 samples: the last batch is short
-        with torch.no_grad():
-            hidden = torch.relu(nn.functional.linear(self.inputs, w1, b1))
-            self.targets = self.head(nn.functional.linear(hidden, w2))
+        self.weights = (w1, b1, w2)
+        self.targets = self.targets_for(self.inputs)
         self.codes = [m.export().codes for m in self.linears]
         self.params = {n: p.detach().clone() for n, p in self.block.named_parameters()}
+
+    def targets_for(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The block's output with full-precision linears."""
+        w1, b1, w2 = self.weights
+        with torch.no_grad():
+            hidden = torch.relu(nn.functional.linear(inputs, w1, b1))
+            return self.head(nn.functional.linear(hidden, w2))
 
     def mse(self) -> float:
         with torch.no_grad():
@@ -287,3 +294,34 @@ def test_heldout_windows_are_never_trained_on_and_pick_the_kept_step():
     else:
         assert result.steps == 0 and result.heldout_after == _approx(judged[0])
     assert result.mse_after <= result.mse_before
+
+
+def _relative(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (out - target).pow(2).sum(-1) / target.pow(2).sum(-1)
+
+
+def test_token_loss_weighs_every_token_alike_and_reports_that_error():
+    # Token 0 of every window is an attention-sink-like outlier, 300x the others (SmolLM2's
+    # position-0 states carry 97% of block 15's squared output): the squared error is all
+    # about it, the per-token relative error is not.
+    runs = {}
+    for loss in ("mse", "token"):
+        setup = _Setup()
+        inputs = setup.inputs.clone()
+        inputs[:, 0] *= 300
+        targets = setup.targets_for(inputs)
+        start = _relative(setup.block(inputs).detach(), targets)
+        config = CorrectionConfig(steps=120, lr_codes=3e-3, batch=2, heldout=0, loss=loss)
+        result = correct_block(setup.block, inputs, targets, lambda b, h: b(h), config)
+        with torch.no_grad():
+            end = _relative(setup.block(inputs), targets)
+        if loss == "token":  # the reported error is the mean per-token relative error
+            assert result.mse_before == _approx(float(start.mean()))
+            assert result.mse_after == _approx(float(end.mean()))
+        runs[loss] = float(end[:, 1:].mean())
+    assert runs["token"] < 0.8 * runs["mse"]  # the ordinary tokens gain from it
+
+
+def test_an_unknown_correction_loss_is_refused():
+    with pytest.raises(BadInputError, match="correction.loss 'l1' is unknown: use mse or token"):
+        CorrectionConfig(loss="l1")
