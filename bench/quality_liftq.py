@@ -90,7 +90,8 @@ def calibration_mismatch(info: dict, calib_txt: Path, nsamples: int, seqlen: int
 def block_work_dir(spec, out: Path) -> Path:
     """The `--work-dir` of a row: a -ft row shares the block stage of its plain row."""
     mixed = "-mixed" if getattr(spec, "mixed", False) else ""
-    return out.with_name(f".liftq-{spec.target_bits:.1f}{mixed}.work")
+    loss = f"-{spec.correction_loss}" if getattr(spec, "correction_loss", "") else ""
+    return out.with_name(f".liftq-{spec.target_bits:.1f}{mixed}{loss}.work")
 
 
 def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[str]:
@@ -99,7 +100,9 @@ def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[s
         "--calib", str(calib_txt), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
         "--seed", str(args.seed), "--json", "--work-dir", str(block_work_dir(spec, out)),
         "--overwrite",  # the bench's own output folder: a re-run replaces it
-    ] + ["--mixed"] * getattr(spec, "mixed", False) + tuning_flags(spec, args)  # fmt: skip
+    ] + ["--mixed"] * getattr(spec, "mixed", False) + tuning_flags(spec, args) + (
+        ["--correction-loss", spec.correction_loss] if getattr(spec, "correction_loss", "") else []
+    )  # fmt: skip
 
 
 def tuning_flags(spec, args) -> list[str]:

@@ -46,6 +46,7 @@ class Spec:
     finetune_lr: float = 0.0  # liftq rows: `--finetune-lr` when set (else the CLI default)
     mixed: bool = False  # liftq -mixed rows: `--mixed` (same average bits, spread by sensitivity)
     iters: int = 0  # autoround rows: tuning steps per block (its default, 200)
+    correction_loss: str = ""  # liftq rows: `--correction-loss` when set (else the default)
 
 
 def all_specs() -> list[Spec]:
@@ -85,6 +86,10 @@ def all_specs() -> list[Spec]:
                 finetune_steps=FINETUNE_STEPS,
             )
         )
+    specs.append(  # the correction's loss, one change against liftq-2.4
+        Spec("liftq-2.4-token", "liftq", "2.4 bits, correction loss token",
+             target_bits=2.4, correction_loss="token")
+    )  # fmt: skip
     for tuned in (False, True):  # 3.0 bits spread by sensitivity (`liftq quantize --mixed`)
         steps = FINETUNE_STEPS if tuned else 0
         setting = "3.0 bits, mixed by sensitivity" + (f" + {steps}-step fine-tuning" * tuned)

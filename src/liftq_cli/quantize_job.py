@@ -110,7 +110,8 @@ class CorrectionConfig:
     def __post_init__(self) -> None:
         if self.loss not in CORRECTION_LOSSES:
             raise BadInputError(
-                f"correction.loss {self.loss!r} is unknown: use {' or '.join(CORRECTION_LOSSES)}"
+                f"correction.loss (--correction-loss) {self.loss!r} is unknown: use "
+                f"{' or '.join(CORRECTION_LOSSES)}"
             )
         _int(self.steps, "correction.steps", "--correction-steps", 0)
         # 0 freezes that group (bench/correction.py: "scales only")

@@ -194,6 +194,17 @@ def test_a_mixed_row_asks_for_mixed_in_its_own_work_dir(tmp_path):
     )
     assert cmd[cmd.index("--finetune-steps") + 1] == "96"
     assert cmd[cmd.index("--finetune-lr") + 1] == "0.002"
+    assert "--correction-loss" not in cmd
+
+
+def test_a_correction_loss_row_has_its_flag_and_its_own_block_stage(tmp_path):
+    from bench.quality_specs import all_specs
+
+    token = {s.id: s for s in all_specs()}["liftq-2.4-token"]
+    out = tmp_path / token.id
+    cmd = quality_liftq.liftq_command(Path("liftq"), token, out, tmp_path / "c.txt", args())
+    assert cmd[cmd.index("--correction-loss") + 1] == "token"
+    assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / ".liftq-2.4-token.work")
 
 
 def test_merge_keeps_the_earlier_rows_this_run_did_not_measure(tmp_path):

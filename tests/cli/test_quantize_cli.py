@@ -344,6 +344,7 @@ def test_independent_blocks_quantize_and_resume(cli, tmp_path, tiny_llama):
         ("--correction-steps", "-5", "--correction-steps -5 is invalid"),
         ("--nsamples", "0", "--nsamples 0 is invalid"),
         ("--finetune-lr", "0", "--finetune-lr 0.0 is invalid"),
+        ("--correction-loss", "l1", "(--correction-loss) 'l1' is unknown: use mse or token"),
     ],
 )
 def test_bad_numbers_fail_before_any_work(cli, tmp_path, flag, value, fragment):

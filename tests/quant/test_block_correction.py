@@ -323,5 +323,5 @@ def test_token_loss_weighs_every_token_alike_and_reports_that_error():
 
 
 def test_an_unknown_correction_loss_is_refused():
-    with pytest.raises(BadInputError, match="correction.loss 'l1' is unknown: use mse or token"):
+    with pytest.raises(BadInputError, match="'l1' is unknown: use mse or token"):
         CorrectionConfig(loss="l1")

@@ -71,6 +71,12 @@ def quantize_command(
         help="Model-level KD fine-tuning steps after the blocks (0: off; holds the whole "
         "model twice in memory) (default: 0).",
     ),
+    correction_loss: str | None = typer.Option(
+        None,
+        "--correction-loss",
+        help="What correction minimises: mse (every output value alike) or token (each "
+        "token's error relative to its output's norm) (default: mse).",
+    ),
     finetune_lr: float | None = typer.Option(
         None, "--finetune-lr", help="Peak fine-tuning rate (default: 1e-3)."
     ),
@@ -152,6 +158,7 @@ def quantize_command(
         "sequential": None if independent is None else not independent,
         "mixed": mixed,
         "correction.steps": correction_steps,
+        "correction.loss": correction_loss,
         "finetune.steps": finetune_steps,
         "finetune.lr": finetune_lr,
         "finetune.calib": finetune_calib,

@@ -81,7 +81,7 @@ def _panel(ax, rows: list[dict], text: str, point: Point | None) -> None:
         variant = row["method"] == "liftq"
         color = "tab:green" if variant else "0.35"
         ax.scatter([bits], [min(ppl, top)], marker=marker, s=40, color=color, zorder=2,
-                   label="liftq variants (mixed)" if variant else None)  # fmt: skip
+                   label="liftq variants" if variant else None)  # fmt: skip
         if ppl <= top and not variant:
             ax.annotate(row["id"], (bits, ppl), textcoords="offset points",
                         xytext=(4, 3), fontsize=7, color=color)  # fmt: skip
