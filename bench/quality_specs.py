@@ -26,7 +26,7 @@ CHILD_TIMEOUT_S = 3 * 3600
 FINETUNE_STEPS = 48  # liftq -ft rows: 4 fresh windows per step (FinetuneConfig.batch)
 LONG_FINETUNE_STEPS, LONG_FINETUNE_LR = 96, 2e-3  # the -ft96 row
 AUTOROUND_ITERS = 200  # auto-round's default steps per block (its "best" recipe: 1000)
-LIFTQ_ONLY = ("finetune_steps", "finetune_lr", "mixed")  # Spec fields no peer row's key has
+LIFTQ_ONLY = ("finetune_steps", "finetune_lr", "mixed", "correction_loss")  # not in peer keys
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 
