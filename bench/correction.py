@@ -5,7 +5,8 @@ One SmolLM2-135M decoder block (full-precision inputs) is whitened, encoded and 
 is judged on the same 4 held-out windows of `wiki` that no variant calibrates or trains on:
 the block-output MSE against the full-precision block on them, before and after correction,
 the code bits correction flipped, the step it kept and the seconds it took. Encodings
-(whitening + LDLQ + row scales) are shared by the correction variants that start from them.
+(quant/block_encode.py: dataflow stages, compensation toward the full-precision output,
+whitening, LDLQ, row scales) are shared by the correction variants that start from them.
 
 Writes bench/results/correction.md.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import time
 from dataclasses import replace
@@ -34,61 +36,72 @@ from liftq_cli.data.text import load_text  # noqa: E402
 from liftq_cli.io.atomic import write_text_atomic  # noqa: E402
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve  # noqa: E402
 from liftq_cli.lattice_config import LatticeConfig  # noqa: E402
-from liftq_cli.quant import blocks  # noqa: E402
 from liftq_cli.quant.block_correction import CorrectableLinear, correct_block  # noqa: E402
-from liftq_cli.quant.encode import quantize_linear  # noqa: E402
+from liftq_cli.quant.block_encode import encode_block  # noqa: E402
 from liftq_cli.quant.lattice_catalog import catalog_encode, load_catalog_matrix  # noqa: E402
-from liftq_cli.quant.whitening import fit_whitening  # noqa: E402
-from liftq_cli.quantize_job import EFFORTS, CorrectionConfig  # noqa: E402
+from liftq_cli.quant.parallel import SOLO, Team  # noqa: E402
+from liftq_cli.quantize_job import EFFORTS, QuantizeSettings  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 HELD = 4  # judged windows, after the calibration ones
-DEFAULT = CorrectionConfig()
-FAST = replace(DEFAULT, **EFFORTS["fast"]["correction"])
-# (label, encoding, correction config, start latents from the encoder's pre-sign values)
+DEFAULT = QuantizeSettings()
+CORRECT = DEFAULT.correction
+FAST = replace(CORRECT, **EFFORTS["fast"]["correction"])
+STAGED = replace(DEFAULT, true_sequential=True, compensate=True)  # --true-sequential --compensate
+# encoding label: (settings the block is whitened and encoded with, calibration windows)
 ENCODINGS = {
-    "default": {"windows": 64, "rotations": "fixed", "ldlq": True},
-    "trained rotations": {"windows": 64, "rotations": "trained", "ldlq": True},
-    "no LDLQ (AWQ scales instead)": {"windows": 64, "rotations": "fixed", "ldlq": False},
-    "16 calibration windows": {"windows": 16, "rotations": "fixed", "ldlq": True},
-    "32 calibration windows": {"windows": 32, "rotations": "fixed", "ldlq": True},
+    "default": (DEFAULT, 64),
+    "staged": (replace(DEFAULT, true_sequential=True), 64),
+    "staged, compensated": (STAGED, 64),
+    "staged, compensated, damp 0.01": (replace(STAGED, compensate_damp=0.01), 64),
+    "staged, compensated, damp 1.0": (replace(STAGED, compensate_damp=1.0), 64),
+    "trained rotations": (replace(DEFAULT, whiten_rotations="trained"), 64),
+    "no LDLQ (AWQ scales instead)": (replace(DEFAULT, ldlq=False), 64),
+    "16 calibration windows": (DEFAULT, 16),
+    "32 calibration windows": (DEFAULT, 32),
 }
+# (label, encoding, correction config, start latents from the encoder's pre-sign values)
 VARIANTS = [
-    ("default", "default", DEFAULT, True),
-    ("no correction", "default", replace(DEFAULT, steps=0), True),
-    ("codes frozen (scales only)", "default", replace(DEFAULT, lr_codes=0.0), True),
-    ("uniform latent start (0.05 every bit)", "default", replace(DEFAULT, latent_init=0.05), False),
-    ("50 steps", "default", replace(DEFAULT, steps=50), True),
-    ("200 steps, patience 4", "default", replace(DEFAULT, steps=200, patience=4), True),
+    ("default", "default", CORRECT, True),
+    ("no correction", "default", replace(CORRECT, steps=0), True),
+    ("codes frozen (scales only)", "default", replace(CORRECT, lr_codes=0.0), True),
+    ("uniform latent start (0.05 every bit)", "default", CORRECT, False),
+    ("rates / 5 (codes 2e-4, scales 1.2e-3)", "default",
+     replace(CORRECT, lr_codes=CORRECT.lr_codes / 5, lr_scales=CORRECT.lr_scales / 5), True),
+    ("200 steps, patience 4", "default", replace(CORRECT, steps=200, patience=4), True),
     ("effort fast (at most 40 steps, 2 windows held out)", "default", FAST, True),
-    ("no early stopping (no windows held out)", "default", replace(DEFAULT, heldout=0), True),
-    ("trained rotations (Cayley P1, P2)", "trained rotations", DEFAULT, True),
-    ("no LDLQ (AWQ scales instead)", "no LDLQ (AWQ scales instead)", DEFAULT, True),
-    ("16 calibration windows", "16 calibration windows", DEFAULT, True),
-    ("32 calibration windows", "32 calibration windows", DEFAULT, True),
-]
+    ("no early stopping (no windows held out)", "default", replace(CORRECT, heldout=0), True),
+    ("staged (--true-sequential)", "staged", CORRECT, True),
+    ("staged, compensated (--compensate)", "staged, compensated", CORRECT, True),
+    ("staged, compensated, no correction", "staged, compensated", replace(CORRECT, steps=0), True),
+    ("staged, compensated, rates / 5", "staged, compensated",
+     replace(CORRECT, lr_codes=CORRECT.lr_codes / 5, lr_scales=CORRECT.lr_scales / 5), True),
+    ("staged, compensated, damp 0.01", "staged, compensated, damp 0.01", CORRECT, True),
+    ("staged, compensated, damp 1.0", "staged, compensated, damp 1.0", CORRECT, True),
+    ("trained rotations (Cayley P1, P2)", "trained rotations", CORRECT, True),
+    ("no LDLQ (AWQ scales instead)", "no LDLQ (AWQ scales instead)", CORRECT, True),
+    ("16 calibration windows", "16 calibration windows", CORRECT, True),
+    ("32 calibration windows", "32 calibration windows", CORRECT, True),
+]  # fmt: skip
 
 
-def encode_block(block, run, hidden, cfg, matrix, windows: int, rotations: str, ldlq: bool):
-    """{name: (QuantizedLinear, bias)} of the block encoded on its first `windows` windows."""
-    stats = blocks.collect_stats(block, run, hidden[:windows], 2)
-    out = {}
-    for index, (name, linear) in enumerate(blocks.linear_kinds(block).items()):
-        gram, act = stats[name]
-        weight = linear.weight.detach().float()
-        wh, _ = fit_whitening(
-            weight,
-            gram,
-            act,
-            cfg.bits,
-            steps=50,
-            seed=3 * 16 + index,
-            alphas=(0.0,) if ldlq else (0.0, 0.25, 0.5, 0.75),
-            rotations=rotations,
-        )
-        quant = quantize_linear(weight, wh, cfg, matrix, catalog_encode, gram if ldlq else None)
-        out[name] = (quant, None if linear.bias is None else linear.bias.detach())
-    return out
+def encoded_block(block, layer, run, hidden, cfg, matrix, settings, windows: int):
+    """A copy of `block` whitened and encoded as `liftq quantize` does (quant/block_encode.py:
+    stages, compensation, LDLQ) on its first `windows` windows; its linears are
+    `CorrectableLinear`s, latents started from the encoder's pre-sign values."""
+    trial = copy.deepcopy(block)
+    team = Team(SOLO, settings.correction.batch, windows)
+    encode = functools.partial(catalog_encode, beam=settings.search_beam)
+    config_for, matrices = (lambda *_: cfg), (lambda _: matrix)
+    encode_block(trial, layer, hidden[:windows], run, config_for, matrices, encode, settings, team)
+    return trial
+
+
+def uniform_latents(block, value: float) -> None:
+    """Every code latent at +-value (the start before pre-sign values were used)."""
+    for module in block.modules():
+        if isinstance(module, CorrectableLinear):
+            module.latent.data = module.latent.data.sign() * value
 
 
 def main() -> None:
@@ -107,27 +120,22 @@ def main() -> None:
         targets = run(block, hidden)
     held = slice(hidden.shape[0] - HELD, hidden.shape[0])
     encodings, encode_seconds = {}, {}
-    for name, spec in ENCODINGS.items():
+    for name, (settings, windows) in ENCODINGS.items():
         began = time.perf_counter()
-        encodings[name] = encode_block(
-            block, run, hidden, cfg, matrix, spec["windows"], spec["rotations"], spec["ldlq"]
-        )
+        encodings[name] = encoded_block(block, layer, run, hidden, cfg, matrix, settings, windows)
         encode_seconds[name] = time.perf_counter() - began
         print(f"encoded: {name} ({encode_seconds[name]:.0f} s)", flush=True)
     rows = []
     for label, encoding, config, presign in VARIANTS:
-        trial = copy.deepcopy(block)
-        for name, (quant, bias) in encodings[encoding].items():
-            margin = quant.margin if presign else None
-            correctable = CorrectableLinear(quant, bias, config.latent_init, margin)
-            blocks._set_module(trial, name, correctable)
-        windows = ENCODINGS[encoding]["windows"]
+        trial = copy.deepcopy(encodings[encoding])
+        if not presign:
+            uniform_latents(trial, 0.05)
+        windows = ENCODINGS[encoding][1]
         began = time.perf_counter()  # correction holds its own windows out of these
         result = correct_block(trial, hidden[:windows], targets[:windows], run, config)
         seconds = time.perf_counter() - began
         with torch.no_grad():
-            before = float((run(block_copy(encodings[encoding], block), hidden[held])
-                            - targets[held]).pow(2).mean())  # fmt: skip
+            before = float((run(encodings[encoding], hidden[held]) - targets[held]).pow(2).mean())
             after = float((run(trial, hidden[held]) - targets[held]).pow(2).mean())
         rows.append((label, before, after, result, seconds, encode_seconds[encoding]))
         print(label, f"{before:.5f} -> {after:.5f}", result, flush=True)
@@ -155,14 +163,6 @@ def main() -> None:
     lines += ["", versions_line()]
     write_text_atomic(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
-
-
-def block_copy(encoding, block):
-    """The block computing with the encoding as it is (no training)."""
-    trial = copy.deepcopy(block)
-    for name, (quant, bias) in encoding.items():
-        blocks._set_module(trial, name, CorrectableLinear(quant, bias, 1.0))
-    return trial
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from liftq_cli.io.atomic import write_text_atomic
 from liftq_cli.io.checkpoints import load_tokenizer, materialize, resolve
 from liftq_cli.io.weights import WeightReader
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.quant import blocks, decoder
+from liftq_cli.quant import blocks, decoder, exchange
 from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.lattice import encode
 from liftq_cli.quant.lattice_catalog import load_catalog_matrix
@@ -90,7 +90,7 @@ def main() -> None:
     began = time.perf_counter()
     for layer, block, hidden, run in block_inputs(folder, ids, layers):
         stats = blocks.collect_stats(block, run, hidden, 2)
-        for name, linear in blocks.linear_kinds(block).items():
+        for name, linear in exchange.linear_kinds(block).items():
             weight = linear.weight.detach().float()
             gram, act = stats[name]
             errors = {}

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.quality_specs import STAGING
+
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.memory import lattice_matrix_bytes, packed_linear_bytes
 
@@ -91,7 +93,8 @@ def block_work_dir(spec, out: Path) -> Path:
     """The `--work-dir` of a row: a -ft row shares the block stage of its plain row."""
     mixed = "-mixed" if getattr(spec, "mixed", False) else ""
     loss = f"-{spec.correction_loss}" if getattr(spec, "correction_loss", "") else ""
-    return out.with_name(f".liftq-{spec.target_bits:.1f}{mixed}{loss}.work")
+    staging = f"-{spec.staging}" if getattr(spec, "staging", "") else ""
+    return out.with_name(f".liftq-{spec.target_bits:.1f}{mixed}{loss}{staging}.work")
 
 
 def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[str]:
@@ -102,7 +105,7 @@ def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[s
         "--overwrite",  # the bench's own output folder: a re-run replaces it
     ] + ["--mixed"] * getattr(spec, "mixed", False) + tuning_flags(spec, args) + (
         ["--correction-loss", spec.correction_loss] if getattr(spec, "correction_loss", "") else []
-    )  # fmt: skip
+    ) + STAGING.get(getattr(spec, "staging", ""), [])  # fmt: skip
 
 
 def tuning_flags(spec, args) -> list[str]:

@@ -26,7 +26,13 @@ CHILD_TIMEOUT_S = 3 * 3600
 FINETUNE_STEPS = 48  # liftq -ft rows: 4 fresh windows per step (FinetuneConfig.batch)
 LONG_FINETUNE_STEPS, LONG_FINETUNE_LR = 96, 2e-3  # the -ft96 row
 AUTOROUND_ITERS = 200  # auto-round's default steps per block (its "best" recipe: 1000)
-LIFTQ_ONLY = ("finetune_steps", "finetune_lr", "mixed", "correction_loss")  # not in peer keys
+# liftq-only fields, left out of the peer rows' keys
+LIFTQ_ONLY = ("finetune_steps", "finetune_lr", "mixed", "correction_loss", "staging")
+# liftq rows encoded in dataflow stages (quant/block_encode.py): their `liftq quantize` flags
+STAGING = {
+    "staged": ["--true-sequential"],
+    "compensated": ["--true-sequential", "--compensate"],
+}
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 
@@ -47,6 +53,7 @@ class Spec:
     mixed: bool = False  # liftq -mixed rows: `--mixed` (same average bits, spread by sensitivity)
     iters: int = 0  # autoround rows: tuning steps per block (its default, 200)
     correction_loss: str = ""  # liftq rows: `--correction-loss` when set (else the default)
+    staging: str = ""  # liftq rows: STAGING's flags when set (else the default, unstaged)
 
 
 def all_specs() -> list[Spec]:
@@ -90,6 +97,13 @@ def all_specs() -> list[Spec]:
         Spec("liftq-2.4-token", "liftq", "2.4 bits, correction loss token",
              target_bits=2.4, correction_loss="token")
     )  # fmt: skip
+    for staging, setting in (  # encoding in dataflow stages, one change against liftq-2.4
+        ("staged", "2.4 bits, linears encoded in dataflow stages"),
+        ("compensated", "2.4 bits, in stages, each toward the full-precision output"),
+    ):
+        specs.append(
+            Spec(f"liftq-2.4-{staging}", "liftq", setting, target_bits=2.4, staging=staging)
+        )
     for tuned in (False, True):  # 3.0 bits spread by sensitivity (`liftq quantize --mixed`)
         steps = FINETUNE_STEPS if tuned else 0
         setting = "3.0 bits, mixed by sensitivity" + (f" + {steps}-step fine-tuning" * tuned)

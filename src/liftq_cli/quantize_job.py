@@ -168,8 +168,11 @@ class QuantizeSettings:
     path) or trained (Cayley, with s1, s2); search_beam: the encoder's beam (0: each
     config's catalog beam); ldlq: encode with Hessian error feedback; sequential: each block
     sees the quantized-so-far activations (False: full-precision inputs, blocks independent);
-    mixed: spend the lattice config's bits on average, spread over the linears by measured
-    sensitivity.
+    true_sequential: a block's linears are encoded in dataflow stages (q/k/v, o, gate/up,
+    down), each measured with the earlier stages quantized (quant/stages.py); compensate:
+    each linear is encoded toward the full-precision model's output instead of its own, with
+    ridge compensate_damp (quant/compensate.py); mixed: spend the lattice config's bits on
+    average, spread over the linears by measured sensitivity.
     """
 
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
@@ -180,6 +183,9 @@ class QuantizeSettings:
     search_beam: int = 0
     ldlq: bool = True
     sequential: bool = True
+    true_sequential: bool = False
+    compensate: bool = False
+    compensate_damp: float = 0.1
     mixed: bool = False
     correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -199,6 +205,9 @@ class QuantizeSettings:
         _int(self.search_beam, "search_beam", "quantize.search_beam", 0)
         _bool(self.ldlq, "ldlq", "--ldlq/--no-ldlq")
         _bool(self.sequential, "sequential", "--independent")
+        _bool(self.true_sequential, "true_sequential", "--true-sequential/--no-true-sequential")
+        _bool(self.compensate, "compensate", "--compensate/--no-compensate")
+        _positive(self.compensate_damp, "compensate_damp", "--compensate-damp")
         _bool(self.mixed, "mixed", "--mixed")
         if self.finetune.seed != self.seed:
             raise BadInputError(
@@ -220,6 +229,12 @@ class QuantizeSettings:
             options["whiten_rotations"] = self.whiten_rotations
         if self.search_beam:
             options["search_beam"] = self.search_beam
+        # liftq before these settings encoded unstaged, uncompensated: the keys appear only
+        # when on, so those work dirs resume exactly when asked for the same
+        if self.true_sequential:
+            options["true_sequential"] = True
+        if self.compensate:
+            options["compensate_damp"] = self.compensate_damp
         return options
 
     @classmethod

@@ -207,6 +207,23 @@ def test_a_correction_loss_row_has_its_flag_and_its_own_block_stage(tmp_path):
     assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / ".liftq-2.4-token.work")
 
 
+def test_the_staging_rows_turn_it_on_each_in_its_own_block_stage(tmp_path):
+    from bench.quality_specs import all_specs
+
+    specs = {s.id: s for s in all_specs()}
+    plain = quality_liftq.liftq_command(
+        Path("liftq"), specs["liftq-2.4"], tmp_path / "liftq-2.4", tmp_path / "c.txt", args()
+    )
+    assert "--compensate" not in plain and "--true-sequential" not in plain
+    for staging, flags in (("staged", ["--true-sequential"]),
+                           ("compensated", ["--true-sequential", "--compensate"])):  # fmt: skip
+        spec = specs[f"liftq-2.4-{staging}"]
+        out = tmp_path / spec.id
+        cmd = quality_liftq.liftq_command(Path("liftq"), spec, out, tmp_path / "c.txt", args())
+        assert [f for f in cmd if f in ("--true-sequential", "--compensate")] == flags
+        assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / f".liftq-2.4-{staging}.work")
+
+
 def test_merge_keeps_the_earlier_rows_this_run_did_not_measure(tmp_path):
     from bench.quality import merged_rows
 

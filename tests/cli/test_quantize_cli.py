@@ -287,6 +287,35 @@ def test_the_recipe_a_run_writes_reproduces_it(cli, tmp_path, tiny_llama):
     assert section["seed"] == 3  # the rest still comes from the recipe
 
 
+def test_staging_settings_land_in_the_recipe_and_key_the_work_dir(cli, tmp_path, tiny_llama):
+    import json
+
+    import yaml
+
+    work = tmp_path / "work"
+    args = ["quantize", str(tiny_llama), "--config", "LQ-24/10", "--json", "--work-dir", str(work)]
+    args += [*tiny_args(tmp_path), "--whiten-steps", "0", "--correction-steps", "0"]
+    plain = cli(*args, "--out", str(tmp_path / "q1"))
+    assert plain.exit_code == 0, plain.output
+    section = yaml.safe_load((tmp_path / "q1" / "recipe.yaml").read_text())["quantize"]
+    assert section["true_sequential"] is False and section["compensate"] is False
+    # staging is another setting: the work dir's blocks are refused for it, in one line
+    flags = ["--true-sequential", "--compensate", "--compensate-damp", "0.5"]
+    refused = cli(*args, "--out", str(tmp_path / "q2"), *flags)
+    assert refused.exit_code == 2 and "holds a job with different settings" in refused.stderr
+    assert not (tmp_path / "q2").exists()
+    args[args.index("--work-dir") + 1] = str(tmp_path / "work2")
+    staged = cli(*args, "--out", str(tmp_path / "q2"), *flags)
+    assert staged.exit_code == 0, staged.output
+    events = [json.loads(x)["event"] for x in staged.stdout.strip().splitlines()]
+    assert events.count("block") == 2
+    section = yaml.safe_load((tmp_path / "q2" / "recipe.yaml").read_text())["quantize"]
+    assert section["true_sequential"] is True and section["compensate"] is True
+    assert section["compensate_damp"] == 0.5
+    codes = "liftq_codes.safetensors"
+    assert (tmp_path / "q1" / codes).read_bytes() != (tmp_path / "q2" / codes).read_bytes()
+
+
 def test_effort_presets_land_in_the_recipe_and_refuse_a_recipe(cli, tmp_path, tiny_llama):
     import yaml
 
@@ -345,6 +374,7 @@ def test_independent_blocks_quantize_and_resume(cli, tmp_path, tiny_llama):
         ("--nsamples", "0", "--nsamples 0 is invalid"),
         ("--finetune-lr", "0", "--finetune-lr 0.0 is invalid"),
         ("--correction-loss", "l1", "(--correction-loss) 'l1' is unknown: use mse or token"),
+        ("--compensate-damp", "0", "--compensate-damp 0.0 is invalid"),
     ],
 )
 def test_bad_numbers_fail_before_any_work(cli, tmp_path, flag, value, fragment):

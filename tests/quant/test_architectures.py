@@ -18,7 +18,7 @@ from liftq_cli.io.packed import pack_quantized
 from liftq_cli.io.quantized import CODES_FILE, META_FILE, write_quantized
 from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import LatticeConfig
-from liftq_cli.quant import blocks, decoder
+from liftq_cli.quant import blocks, decoder, exchange
 from liftq_cli.quantize_job import CorrectionConfig, QuantizeSettings
 from liftq_cli.runtime.quantized import load_quantized_model
 
@@ -64,7 +64,7 @@ def test_blocks_called_as_the_model_calls_them_give_its_logits(tmp_path, model_t
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def quantize_tiny(folder, work, quant) -> list:
+def quantize_tiny(folder, work, quant, settings: QuantizeSettings = SETTINGS) -> list:
     """The 2-block tiny model in `folder` quantized at LQ-8/4 into `quant` (work dir
     `work`); returns the block reports."""
     with one_thread():
@@ -75,7 +75,7 @@ def quantize_tiny(folder, work, quant) -> list:
             WorkDir(work),
             lambda _c: MATRIX,
             brute_force_encode,
-            SETTINGS,
+            settings,
             {"job": str(folder)},
         )
         reader = decoder.checkpoint_reader(folder)  # experts unfused
@@ -97,7 +97,7 @@ def test_quantize_pack_and_load_in_transformers(tmp_path, model_type):
     every = {
         f"model.layers.{i}.{name}"
         for i, block in enumerate(skeleton.model.layers)
-        for name in blocks.linear_kinds(block)
+        for name in exchange.linear_kinds(block)
     }
     layers = json.loads((quant / META_FILE).read_text())["layers"]
     assert set(layers) == every  # every linear in a block is quantized, none outside

@@ -65,6 +65,25 @@ def quantize_command(
     ldlq: bool | None = typer.Option(
         None, "--ldlq/--no-ldlq", help="Encode with Hessian error feedback (LDLQ) (default: on)."
     ),
+    true_sequential: bool | None = typer.Option(
+        None,
+        "--true-sequential/--no-true-sequential",
+        help="Encode a block's linears stage by stage (q/k/v, o, gate/up, down), each "
+        "measured with the earlier ones quantized (default: off).",
+    ),
+    compensate: bool | None = typer.Option(
+        None,
+        "--compensate/--no-compensate",
+        help="Encode each linear toward the full-precision model's output, correcting the "
+        "error earlier linears left in its input; needs --true-sequential to see a block's "
+        "own earlier linears (default: off).",
+    ),
+    compensate_damp: float | None = typer.Option(
+        None,
+        "--compensate-damp",
+        help="Ridge of --compensate, times the mean Gram diagonal: larger trusts the "
+        "calibration less (default: 0.1).",
+    ),
     finetune_steps: int | None = typer.Option(
         None,
         "--finetune-steps",
@@ -156,6 +175,9 @@ def quantize_command(
         "whiten_steps": whiten_steps,
         "ldlq": ldlq,
         "sequential": None if independent is None else not independent,
+        "true_sequential": true_sequential,
+        "compensate": compensate,
+        "compensate_damp": compensate_damp,
         "mixed": mixed,
         "correction.steps": correction_steps,
         "correction.loss": correction_loss,

@@ -31,7 +31,7 @@ from liftq_cli.io.weights import WeightReader
 from liftq_cli.io.workdir import WorkDir
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.quant.block_correction import CorrectableLinear, correct_block
-from liftq_cli.quant.costmodel import assign
+from liftq_cli.quant.block_encode import encode_block
 from liftq_cli.quant.decoder import (
     LAYERS,
     LayerCall,
@@ -43,15 +43,11 @@ from liftq_cli.quant.decoder import (
     release_backbone,
 )
 from liftq_cli.quant.device import stream_home, to_home
-from liftq_cli.quant.encode import quantize_linear
 from liftq_cli.quant.events import BlockDone, BlockReport, Progress
-from liftq_cli.quant.exchange import gram_stats, linear_kinds, share_correction, share_state
-from liftq_cli.quant.expert_stats import block_stats
+from liftq_cli.quant.exchange import gram_stats, share_correction
 from liftq_cli.quant.experts import expert_layouts
 from liftq_cli.quant.ldlq import Encoder
 from liftq_cli.quant.parallel import SOLO, Ranks, Team
-from liftq_cli.quant.reconstruct import QuantizedLinear
-from liftq_cli.quant.whitening import fit_whitening
 from liftq_cli.quantize_job import QuantizeSettings
 
 JOB_VERSION = 1
@@ -82,11 +78,6 @@ def collect_stats(
     fp64 accumulation, and batches are summed in quant/stats.py's fixed tree."""
     team = Team(SOLO, batch, inputs.shape[0])
     return gram_stats(block, run, inputs, team, {})[0]
-
-
-def _set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
-    parent, _, leaf = dotted.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def _forward(
@@ -124,74 +115,28 @@ def quantize_block(
     encode: Encoder,
     settings: QuantizeSettings,
     team: Team | None = None,
+    reference_inputs: torch.Tensor | None = None,
 ) -> tuple[dict[str, tuple[LatticeConfig, dict[str, torch.Tensor]]], BlockReport]:
     """Whiten, encode and correct every linear of one loaded block, in place.
 
     inputs/targets: float32 [n, seq, hidden], the block's inputs and full-precision outputs
-    (with a team of several ranks: full on the root, this rank's windows elsewhere).
-    Afterwards the block computes with its quantized linears. Returns {dotted name: (config,
-    state)} for the work dir and the block's report.
+    (with a team of several ranks: full on the root, this rank's windows elsewhere);
+    reference_inputs: the full-precision model's inputs to the block, laid out as `inputs`
+    (None: `inputs` are those). Afterwards the block computes with its quantized linears.
+    Returns {dotted name: (config, state)} for the work dir and the block's report.
 
-    With several ranks each linear is whitened and encoded by one owner (largest out x in^2
-    first, to the least-loaded rank) and its state broadcast; correction runs on the root
-    over all windows (so its gradients sum exactly as one process's do) and the trained
-    parameters are broadcast, so every rank ends with the same block.
+    Encoding is quant/block_encode.py (stage by stage, toward the full-precision outputs).
+    With several ranks each linear is whitened and encoded by one owner and its state
+    broadcast; correction runs on the root over all windows (so its gradients sum exactly as
+    one process's do) and the trained parameters are broadcast, so every rank ends with the
+    same block.
     """
     began = time.perf_counter()
     team = team or Team(SOLO, settings.correction.batch, inputs.shape[0])
     ranks = team.ranks
-    linears = linear_kinds(block)
-    costs = {n: float(m.out_features) * m.in_features**2 for n, m in linears.items()}
-    owner = assign(costs, ranks.world)
-    stats, unrouted = block_stats(block, run, inputs, team, owner)
-    done: dict[str, tuple[dict[str, torch.Tensor], list[float]]] = {}
-    for index, (name, linear) in enumerate(linears.items()):
-        if owner[name] != ranks.rank:
-            continue
-        cfg = config_for(layer, name.rpartition(".")[2])
-        gram, act = stats[name]
-        tick = time.perf_counter()
-        wh, err = fit_whitening(
-            linear.weight.detach(),
-            gram,
-            act,
-            cfg.bits,
-            steps=settings.whiten_steps,
-            seed=settings.seed * 1000 + layer * 16 + index,
-            # Error feedback already favours the high-energy input channels; on
-            # SmolLM2 the AWQ exponent then adds error (bench/ldlq.py).
-            alphas=(0.0,) if settings.ldlq else (0.0, 0.25, 0.5, 0.75),
-            rotations=settings.whiten_rotations,
-        )
-        whiten = time.perf_counter() - tick
-        tick = time.perf_counter()
-        quant = quantize_linear(
-            linear.weight.detach(),
-            wh,
-            cfg,
-            matrices(cfg),
-            encode,
-            gram=gram if settings.ldlq else None,
-        )
-        state = quant.state()
-        if quant.margin is not None:  # the latents' start, for correction (not stored)
-            state["margin"] = quant.margin
-        done[name] = (state, [err, whiten, time.perf_counter() - tick])
-    proxy = []
-    spent = [[0.0, 0.0] for _ in range(ranks.world)]  # whiten, encode seconds of each rank
-    for name, linear in linears.items():
-        cfg = config_for(layer, name.rpartition(".")[2])
-        state, (err, whiten, encoded) = share_state(ranks, done.get(name), owner[name])
-        proxy.append(err)
-        spent[owner[name]][0] += whiten
-        spent[owner[name]][1] += encoded
-        matrix = matrices(cfg).to(linear.weight.device, torch.float32)
-        quant = QuantizedLinear.from_state(state, cfg, matrix)
-        bias = None if linear.bias is None else linear.bias.detach()
-        margin = state.pop("margin", None)  # only the latents' start needs it
-        correctable = CorrectableLinear(quant, bias, settings.correction.latent_init, margin)
-        _set_module(block, name, correctable)
-        del margin
+    encoded = encode_block(
+        block, layer, inputs, run, config_for, matrices, encode, settings, team, reference_inputs
+    )
     correction = replace(settings.correction, seed=settings.seed * 1000 + layer)
     tick = time.perf_counter()
     result = None
@@ -206,14 +151,14 @@ def quantize_block(
             linears_out[name] = (exported.cfg, exported.state())
     report = BlockReport(
         layer,
-        sum(proxy) / len(proxy),
+        sum(encoded.proxy) / len(encoded.proxy),
         result.mse_before,
         result.mse_after,
         result.flipped,
         time.perf_counter() - began,
-        *max(spent, key=sum),  # the busiest rank's: what the block waited for
+        *max(encoded.spent, key=sum),  # the busiest rank's: what the block waited for
         seconds_correct,
-        unrouted,
+        len(encoded.unrouted),
         result.steps,
         result.heldout_before,
         result.heldout_after,
@@ -330,8 +275,9 @@ def quantize_blocks(
         linears, report = None, None
         if owner == ranks.rank:
             linears, report = quantize_block(
-                block, layer, inputs, targets, run, config_for, matrices, encode, settings, team
-            )
+                block, layer, inputs, targets, run, config_for, matrices, encode, settings, team,
+                None if inputs is fp_stream else fp_stream,
+            )  # fmt: skip
         if farm and owner != 0:  # the root saves what the owner quantized
             if ranks.rank == owner:
                 ranks.send_object((_on_host(linears), report), 0)

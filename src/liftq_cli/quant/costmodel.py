@@ -6,12 +6,17 @@ LQ-D/d and search beam K; P is the block's linear parameters (MoE: the active sh
 
     stats    2 T n^2                                   fp64 flop per distinct input (q/k/v
                                                        share one, gate/up share one)
+             + [compensate] 2 T o n                    per linear (its cross sum y_f^T x;
+                                                       not routed experts)
     whiten   A (4 o n^2 + 4 o n (a+b)) + S (6 o n^2 + 12 o n (a+b))   fp32 flop: A proxy
              evaluations (1 AWQ exponent with LDLQ, else 4), S = whiten_steps Adam steps
     encode   o ceil(n/d) K D                           search units (beam x levels per slice)
     ldlq     16/3 n^3 + 2 n^2 (a+b) + 5 o n^2 + d n^2/2   fp64 flop (0 without --ldlq)
-    forward  p F(T) + [sequential] ceil(N/B) R         fp32 flop, p = 2 + [sequential] passes
-                                                       (targets, stats, next inputs)
+             + [compensate] n^3/3 + 4 o n^2            (its target's ridge solve)
+    forward  p F(T) + [sequential] ceil(N/B) R         fp32 flop, p = 1 + [sequential] + s
+                                                       passes (targets, next inputs, and the
+                                                       s statistics passes of
+                                                       cost_inputs.stats_passes)
     correct  steps (3 F(B L) + 3 R) + 2 (F(T) + ceil(N/B) R)   fp32 flop (Adam steps, and the
                                                        MSE before and after)
     comm     bytes / link bandwidth (only with several processes)
@@ -42,16 +47,12 @@ from typing import Any
 from liftq_cli.io.packed_format import whitening_factors, words_per_row
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.architectures import Architecture, layer_linears
+from liftq_cli.quant.cost_inputs import distinct_inputs, stats_passes
 from liftq_cli.quantize_job import QuantizeSettings
 
 STAGES = ("stats", "whiten", "encode", "ldlq", "forward", "correct", "comm")
 UNITS = {"stats": "fp64 flop", "whiten": "fp32 flop", "encode": "search unit"}
 UNITS |= {"ldlq": "fp64 flop", "forward": "fp32 flop", "correct": "fp32 flop", "comm": "byte"}
-INPUT_GROUP = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "attn_out"}
-INPUT_GROUP |= {"gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}
-INPUT_GROUP |= {"shared_gate_proj": "shared_in", "shared_up_proj": "shared_in"}
-INPUT_GROUP |= {"shared_down_proj": "shared_mid"}
-
 COEFFICIENTS_FILE = "cost_coefficients.json"  # every coefficient and datasheet, in one place
 
 
@@ -155,15 +156,9 @@ def linear_stage_units(lin: LinearWork, settings: QuantizeSettings) -> dict[str,
     ldlq = 0.0
     if settings.ldlq:
         ldlq = 16 / 3 * n**3 + 2 * n * n * (a + b) + 5 * o * n * n + cfg.d * n * n / 2
+    if settings.compensate:
+        ldlq += n**3 / 3 + 4 * o * n * n
     return {k: lin.count * v for k, v in (("whiten", whiten), ("encode", encode), ("ldlq", ldlq))}
-
-
-def distinct_inputs(work: Sequence[LinearWork]) -> dict[str, tuple[int, int, float]]:
-    """{input group: (n, count, share)}: one Gram matrix per group and matrix count."""
-    groups: dict[str, tuple[int, int, float]] = {}
-    for lin in work:
-        groups.setdefault(INPUT_GROUP.get(lin.kind, lin.kind), (lin.inp, lin.count, lin.share))
-    return groups
 
 
 def forward_flops(
@@ -186,8 +181,10 @@ def shared_stage_units(
     stats = sum(
         2 * tokens * share * n * n * count for n, count, share in distinct_inputs(work).values()
     )
+    if settings.compensate:  # each linear's y_f^T x (routed experts are not measured)
+        stats += sum(2 * tokens * x.count * x.out * x.inp for x in work if x.share == 1.0)
     full = forward_flops(work, arch, tokens, calib.seqlen)
-    forward = (3 if settings.sequential else 2) * full
+    forward = (stats_passes(work, settings) + (2 if settings.sequential else 1)) * full
     forward += batches * recon if settings.sequential else 0
     step = forward_flops(work, arch, corr.batch * calib.seqlen, calib.seqlen)
     # rank 0 corrects over every window (its MSE passes too), so world does not divide it
@@ -208,9 +205,9 @@ def comm_bytes(
     work: Sequence[LinearWork], arch: Architecture, settings: QuantizeSettings, world: int
 ) -> float:
     """Bytes through rank 0's link per block (the busiest): the Gram tree nodes of the other
-    ranks (at most 1 + log2 of their batches each, fp64) for the inputs it owns, a 1/W share,
-    the encoded linears it receives and sends, the two streams it gathers (the targets and
-    the next inputs) and the trained parameters it broadcasts (fp32 latents and scales)."""
+    ranks (at most 1 + log2 of their batches each, fp64; with compensate the cross sums too)
+    for the inputs it owns, a 1/W share, the encoded linears it receives and sends, the two
+    streams it gathers (targets, next inputs) and the trained latents and scales (fp32)."""
     if world <= 1:
         return 0.0
     calib, corr = settings.calibration, settings.correction
@@ -218,6 +215,8 @@ def comm_bytes(
     windows = -(-calib.nsamples // world)
     nodes = 1 + math.ceil(math.log2(max(1, -(-windows // corr.batch))))
     grams = sum(8 * n * (n + 1) * count for n, count, _ in distinct_inputs(work).values())
+    if settings.compensate:  # the cross sums travel beside the Grams
+        grams += sum(8 * x.count * x.out * x.inp for x in work if x.share == 1.0)
     gram = (world - 1) * nodes * grams / world
     states = sum(state_bytes(lin) for lin in work)
     stream = calib.nsamples * calib.seqlen * arch.hidden_size * 4
@@ -383,12 +382,13 @@ def report_samples(
 ) -> list[Sample]:
     """Samples from block reports (quant/events.BlockReport as dicts) of blocks shaped `work`
     on one process: whiten; encode (LDLQ included); correct; the rest of `seconds` is the
-    stats pass (Grams and one forward)."""
+    statistics (Grams and their forward passes)."""
     linear = [linear_stage_units(lin, settings) for lin in work]
     units = {s: sum(u[s] for u in linear) for s in ("whiten", "encode", "ldlq")}
     shared = shared_stage_units(work, arch, settings)
     calib = settings.calibration
     one_pass = forward_flops(work, arch, calib.nsamples * calib.seqlen, calib.seqlen)
+    one_pass *= stats_passes(work, settings)
     out = []
     for r in reports:
         rest = r["seconds"] - r["seconds_whiten"] - r["seconds_encode"] - r["seconds_correct"]

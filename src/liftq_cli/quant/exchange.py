@@ -21,7 +21,7 @@ from liftq_cli.io.codes import pack_codes, unpack_codes
 from liftq_cli.quant.block_correction import CorrectableLinear, CorrectionResult
 from liftq_cli.quant.experts import routers
 from liftq_cli.quant.parallel import Ranks, Team
-from liftq_cli.quant.stats import TreeSum, collect, complete, finish, range_nodes
+from liftq_cli.quant.stats import Reference, TreeSum, collect, complete, finish, range_nodes
 
 RunBlock = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -44,10 +44,13 @@ def gram_stats(
     team: Team,
     owner: dict[str, int],
     linears: dict[str, nn.Linear] | None = None,
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, int]]:
+    reference: Reference | None = None,
+) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict[str, int]]:
     """(Gram, mean |x|) of the linears this rank owns (`owner`: linear -> rank; absent means
     rank 0), from every rank's tree nodes over its own windows (`team.local(inputs)`), and
-    every linear's token count over all ranks (the same on each).
+    every linear's token count over all ranks (the same on each). With a `reference` (its
+    inputs this rank's rows, as `team.local` gives them) the linears in reference.names get
+    a third value, Y = E[y_f x^T] [out, in] (quant/stats.py).
 
     Each input's nodes go to the ranks owning one of its linears in one fixed order (input,
     source rank, destination rank, node), so the point-to-point exchange cannot deadlock
@@ -55,7 +58,9 @@ def gram_stats(
     (default: all of `linear_kinds`)."""
     ranks = team.ranks
     linears = linear_kinds(block) if linears is None else linears
-    found = collect(block, linears, run, team.local(inputs), team.batch, team.first_batch)
+    found = collect(
+        block, linears, run, team.local(inputs), team.batch, team.first_batch, reference
+    )
     every = [range_nodes(lo, hi) for lo, hi in team.ranges]  # each rank's nodes
     local = {
         name: int(sum(float(v[2]) for _, v in found.sums[key].stack))
@@ -68,7 +73,8 @@ def gram_stats(
     for key, names in found.groups.items():
         nodes = found.nodes(key)
         need = sorted({owner.get(n, 0) for n in names})  # ranks owning a linear reading it
-        width = nodes[every[ranks.rank][0]][1].shape[0]
+        own = nodes[every[ranks.rank][0]]  # every rank's nodes have the same parts
+        width, cross_shapes = own[1].shape[0], [tuple(part.shape) for part in own[3:]]
         merged = TreeSum()  # on an owner: every rank's nodes, left to right, siblings merged
         for src in range(ranks.world):
             if ranks.rank == src and src in need:
@@ -85,11 +91,16 @@ def gram_stats(
                         gram = ranks.recv((width, width), torch.float64, src)
                         absolute = ranks.recv((width,), torch.float64, src)
                         count = ranks.recv((), torch.float64, src)
-                        merged.push_node(node, (gram, absolute, count))
+                        cross = [ranks.recv(shape, torch.float64, src) for shape in cross_shapes]
+                        merged.push_node(node, (gram, absolute, count, *cross))
         del nodes
         if ranks.rank in need:
-            total = finish(complete(dict(merged.stack), team.batches))
-            out.update({n: total for n in names if owner.get(n, 0) == ranks.rank})
+            gram, act, *cross = finish(complete(dict(merged.stack), team.batches))
+            measured = [n for n in names if reference is not None and n in reference.names]
+            for n in names:
+                if owner.get(n, 0) == ranks.rank:
+                    own_cross = [cross[measured.index(n)]] if n in measured else []
+                    out[n] = (gram, act, *own_cross)
     return out, tokens
 
 

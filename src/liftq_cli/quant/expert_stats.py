@@ -18,8 +18,9 @@ from torch import nn
 from liftq_cli.quant.exchange import gram_stats, linear_kinds
 from liftq_cli.quant.experts import expert_lists
 from liftq_cli.quant.parallel import Team
+from liftq_cli.quant.stats import Reference
 
-Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Stats = dict[str, tuple[torch.Tensor, ...]]
 
 
 def block_stats(
@@ -28,21 +29,30 @@ def block_stats(
     inputs: torch.Tensor,
     team: Team,
     owner: dict[str, int],
-) -> tuple[Stats, int]:
-    """`gram_stats` of every linear `owner` gives this rank, and the number of experts that
-    took the all-token fallback (the same on every rank: token counts are summed over
-    ranks before anyone decides)."""
-    stats, tokens = gram_stats(block, run, inputs, team, owner)
+    linears: dict[str, nn.Linear] | None = None,
+    reference: Reference | None = None,
+) -> tuple[Stats, frozenset[str]]:
+    """`gram_stats` of every linear `owner` gives this rank among `linears` (default: all of
+    the block's), and the experts that took the all-token fallback ('mlp.experts.3.'; the
+    same on every rank: token counts are summed over ranks before anyone decides).
+    reference: see `gram_stats` (routed experts are never measured against it)."""
+    stats, tokens = gram_stats(block, run, inputs, team, owner, linears, reference)
     lists = expert_lists(block)
+
+    def unseen(path: str, expert: int) -> bool:
+        counts = [c for n, c in tokens.items() if n.startswith(f"{path}.{expert}.")]
+        return bool(counts) and not any(counts)
+
     idle = {
-        path: frozenset(e for e in range(len(experts)) if tokens.get(f"{path}.{e}.up_proj", 0) == 0)
+        path: frozenset(e for e in range(len(experts)) if unseen(path, e))
         for path, experts in lists.items()
     }
     idle = {path: gaps for path, gaps in idle.items() if gaps}
     if not idle:
-        return stats, 0
+        return stats, frozenset()
     prefixes = tuple(f"{path}.{e}." for path, gaps in idle.items() for e in gaps)
-    linears = {n: m for n, m in linear_kinds(block).items() if n.startswith(prefixes)}
+    measured = linear_kinds(block) if linears is None else linears
+    linears = {n: m for n, m in measured.items() if n.startswith(prefixes)}
     try:
         for path, gaps in idle.items():
             lists[path].route_all = gaps
@@ -51,4 +61,4 @@ def block_stats(
         for path in idle:
             lists[path].route_all = frozenset()
     stats.update(extra)
-    return stats, len(prefixes)
+    return stats, frozenset(prefixes)

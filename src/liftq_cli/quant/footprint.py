@@ -17,11 +17,12 @@ bits, w = o ceil(c/o / 32) 32-bit words; sums run over every matrix, MoE experts
                  + 32 MB                  config, tokenizer, liftq.json, recipe.yaml
     device peak  4 block params + [streams on the device] live x S      (rank 0; the others
                                                           hold live x S_W)
-                 + max(stats:   8 G (1 + ceil(log2 ceil(ceil(N/W) / B))),
-                       encode:  4 G + max over linears (4n^2 + 40on, [--ldlq] 44n^2 + 8on),
-                       correct: 4 G + sum (20c + 16(o + 2n) + 20on) + activations(B);
+                 + max(stats:   8 G' (1 + ceil(log2 ceil(ceil(N/W) / B))),
+                       encode:  4 G' + max over linears (4n^2 + 40on, [--ldlq] 44n^2 + 8on)
+                                + [compensate] 4 G' + 4 P,
+                       correct: sum (20c + 16(o + 2n) + 20on) + activations(B);
                                 on a GPU the reconstruction is recomputed in backward:
-                                4 G + sum (16c + 16(o + 2n) + 4on) + max (4c + 16on)
+                                sum (16c + 16(o + 2n) + 4on) + max (4c + 16on)
                                 + activations(B))
     host RAM     max of the phases that are on:
                  block stage  W (8 N L + 1.5 GB + max(4 vocab h, 4 block params))
@@ -33,9 +34,14 @@ bits, w = o ceil(c/o / 32) 32-bit words; sums run over every matrix, MoE experts
                               activations(finetune.batch) + 1.5 GB
 
 G = sum n^2 over the distinct inputs (q/k/v share one, gate/up share one): the fp64 Gram
-partials of the fixed reduction tree, then the fp32 Grams. correct: per code bit an fp32
-latent, its gradient and Adam's two moments (16c), the scales' (16(o + 2n)), and the
-reconstruction's autograd tensors (the signs and five o x n intermediates: 4c + 20on).
+partials of the fixed reduction tree, then the fp32 Grams. G' = the largest stage's G with
+true_sequential (one stage's statistics live at a time, quant/stages.py), else G; with
+compensate plus sum o n over that stage's linears (routed experts excepted): each one's
+cross sum y_f^T x beside the Grams, fp64. compensate also keeps the original weights of
+the encoded linears (4 P, P the block's linear parameters) until the block is encoded.
+correct: per code bit an fp32 latent, its gradient and Adam's two moments (16c), the
+scales' (16(o + 2n)), and the reconstruction's autograd tensors (the signs and five o x n
+intermediates: 4c + 20on); the statistics are freed before it starts.
 live = 4 streams with --sequential (inputs and outputs of both while the next inputs are
 computed), else 2; activations(b) = 4 b L (10 h + 3 inter) + 4 b heads L^2. The streams stay
 on the device when they fit in half of what the block peak leaves free (`stream_placement`).
@@ -47,7 +53,8 @@ from __future__ import annotations
 import math
 
 from liftq_cli.plan.architectures import Architecture, layer_linears, other_params, param_count
-from liftq_cli.quant.costmodel import LinearWork, block_work, distinct_inputs, state_bytes
+from liftq_cli.quant.cost_inputs import input_stages
+from liftq_cli.quant.costmodel import LinearWork, block_work, state_bytes
 from liftq_cli.quantize_job import QuantizeJob, QuantizeSettings
 
 HEADER = 160  # safetensors header bytes per tensor (name, dtype, shape, offsets), an allowance
@@ -131,7 +138,11 @@ def device_parts(
     settings = job.settings
     calib, corr = settings.calibration, settings.correction
     blocks = _blocks(arch, job)
-    grams = sum(n * n * count for n, count, _ in distinct_inputs(blocks[0]).values())
+    stage = max(  # G'
+        sum(n * n * count for n, count, _ in inputs.values())
+        + sum(x.count * x.out * x.inp for x in linears if settings.compensate and x.share == 1.0)
+        for inputs, linears in input_stages(blocks[0], settings)
+    )
     windows = -(-calib.nsamples // world)
     depth = 1 + math.ceil(math.log2(-(-windows // corr.batch)))  # partials of the Gram tree
     workspace = 0
@@ -151,11 +162,14 @@ def device_parts(
                 # + the start and best snapshots of the latents (block_correction._snapshot)
                 state += x.count * (24 * bits + 16 * (x.out + 2 * x.inp) + 20 * x.out * x.inp)
         correct = max(correct, state + transient)
-    correct += 4 * grams + activations(arch, corr.batch, calib.seqlen)
+    correct += activations(arch, corr.batch, calib.seqlen)  # the Grams are gone by then
+    encode = 4 * stage + workspace
+    if settings.compensate:  # the cross sums stay fp64, the encoded linears' weights stay
+        encode += 4 * stage + 4 * sum(x.count * x.out * x.inp for x in blocks[0])
     return {
         "weights": 4 * _block_params(arch),
-        "stats": 8 * grams * depth,
-        "encode": 4 * grams + workspace,
+        "stats": 8 * stage * depth,
+        "encode": encode,
         "correct": correct,
     }
 

@@ -26,8 +26,8 @@ LinearKey = tuple[int, str]  # (layer, kind): (3, "down_proj")
 def decoder_linears(model: nn.Module) -> dict[LinearKey, nn.Linear]:
     """Every nn.Linear inside the decoder blocks of a transformers causal LM (also a model on
     the meta device), keyed (layer, kind)."""
-    from liftq_cli.quant.blocks import linear_kinds
     from liftq_cli.quant.decoder import find_layers
+    from liftq_cli.quant.exchange import linear_kinds
 
     return {
         (layer, name.rpartition(".")[2]): module

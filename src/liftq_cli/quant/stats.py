@@ -1,4 +1,5 @@
-"""Calibration statistics of a block's linears: the Gram matrix X^T X and mean |x| per input.
+"""Calibration statistics of a block's linears: the Gram matrix X^T X and mean |x| per input,
+and with a full-precision reference each linear's Y_f^T X (quant/compensate.py).
 
 Linears that read the same tensor (q/k/v, gate/up) share one accumulator: the fp64 Gram is
 computed once per distinct input. Contributions are per calibration batch and are summed in
@@ -16,18 +17,22 @@ does and the Gram matrices, hence the codes, match bit for bit.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 Node = tuple[int, int]  # (level, index): covers batches [index << level, (index + 1) << level)
-# (sum x^T x [n, n] fp64, sum |x| [n] fp64, token count [] fp64: exact below 2^53)
-Partial = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# (sum x^T x [n, n] fp64, sum |x| [n] fp64, token count [] fp64: exact below 2^53), then for
+# each linear reading it that is measured against a reference (in firing order) the sum
+# y_f^T x [o, n] fp64, y_f that linear's output in the full-precision block
+Partial = tuple[torch.Tensor, ...]
 
 
 def add(a: Partial, b: Partial) -> Partial:
-    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+    assert len(a) == len(b), "partials of one input have the same parts"
+    return tuple(x + y for x, y in zip(a, b, strict=True))
 
 
 def siblings(left: Node, right: Node) -> bool:
@@ -83,6 +88,22 @@ def complete(nodes: dict[Node, Partial], batches: int) -> Partial:
     return root
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The full-precision side of the cross statistic Y = E[y_f x^T] of a linear: y_f its
+    output in the full-precision block on the full-precision inputs, x its input here.
+
+    inputs: the full-precision model's input to the block, float32 [n, seq, hidden], rows
+    aligned with the quantized inputs; full_precision(): a context in which the block
+    computes as the full-precision one (its quantized linears swapped back); names: the
+    linears measured against it (those that see the same tokens in both passes: not routed
+    experts, whose routing may differ)."""
+
+    inputs: torch.Tensor
+    full_precision: Callable[[], AbstractContextManager]
+    names: frozenset[str]
+
+
 @dataclass
 class BlockStats:
     """Per-input tree sums of one block's linears over this process's batches.
@@ -107,10 +128,13 @@ def collect(
     inputs: torch.Tensor,
     batch: int,
     first_batch: int = 0,
+    reference: Reference | None = None,
 ) -> BlockStats:
     """Run `inputs` (float32 [n, seq, hidden], this process's windows, starting at global
     batch `first_batch`) through `block` one batch at a time and sum every linear input's
-    x^T x and |x| in fp64 on the input's device."""
+    x^T x and |x| in fp64 on the input's device; with a `reference`, also y_f^T x for each of
+    its linears, y_f the linear's output (bias removed) in the full-precision block on the
+    same batch of reference.inputs."""
     groups: dict[str, list[str]] = {}
     sums: dict[str, TreeSum] = {}
     current: dict[str, Partial] = {}  # this batch's contribution per input
@@ -118,22 +142,38 @@ def collect(
     # input name)
     seen: dict[int, tuple[torch.Tensor, str]] = {}
     leader: dict[str, str] = {}  # linear -> the input name it reads
+    full: dict[str, torch.Tensor] | None = None  # the reference pass's outputs, by linear
 
-    def hook(_m, args, _out, name: str) -> None:
+    def hook(module, args, out, name: str) -> None:
         x = args[0]
+        if full is not None:
+            bias = getattr(module, "bias", None)
+            full[name] = (out if bias is None else out - bias).detach()
+            return
         entry = seen.get(id(x))
+        measured = reference is not None and name in reference.names
+        flat = x.detach().reshape(-1, x.shape[-1]).double() if entry is None or measured else x
         if entry is None:
             key = leader.setdefault(name, name)
-            flat = x.detach().reshape(-1, x.shape[-1]).double()
             count = torch.tensor(float(flat.shape[0]), dtype=torch.float64, device=flat.device)
             current[key] = (flat.T @ flat, flat.abs().sum(0), count)
             seen[id(x)] = (x, key)
         else:
             key = leader.setdefault(name, entry[1])
             assert key == entry[1], f"{name} changed its input between batches"
+        if measured:
+            current[key] += (reference_output(name, flat).T @ flat,)
         if name not in groups.setdefault(key, []):
             groups[key].append(name)
 
+    def reference_output(name: str, flat: torch.Tensor) -> torch.Tensor:
+        other = reference_outputs.get(name)
+        assert other is not None and other.numel() // other.shape[-1] == flat.shape[0], (
+            f"{name} saw other tokens in the full-precision pass"
+        )
+        return other.reshape(flat.shape[0], -1).double()
+
+    reference_outputs: dict[str, torch.Tensor] = {}
     handles = [
         m.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
         for name, m in linears.items()
@@ -141,6 +181,11 @@ def collect(
     try:
         with torch.no_grad():
             for index, start in enumerate(range(0, inputs.shape[0], batch)):
+                if reference is not None:
+                    full = reference_outputs = {}
+                    with reference.full_precision():
+                        run(block, reference.inputs[start : start + batch])
+                    full = None
                 seen.clear()
                 current.clear()
                 run(block, inputs[start : start + batch])
@@ -152,11 +197,12 @@ def collect(
     return BlockStats(groups, sums)
 
 
-def finish(total: Partial) -> tuple[torch.Tensor, torch.Tensor]:
+def finish(total: Partial) -> tuple[torch.Tensor, ...]:
     """(Gram / tokens, mean |x|) as float32: what whitening and LDLQ take (NaN for an input
-    that saw no token: an expert calibration never routed to)."""
-    gram, absolute, tokens = total
-    return (gram / tokens).float(), (absolute / tokens).float()
+    that saw no token: an expert calibration never routed to), then each cross part
+    Y = E[y_f x^T] (float64, what compensation solves with)."""
+    gram, absolute, tokens, *cross = total
+    return (gram / tokens).float(), (absolute / tokens).float(), *(c / tokens for c in cross)
 
 
 def batch_ranges(batches: int, world: int) -> list[tuple[int, int]]:
