@@ -142,13 +142,14 @@ def collect(
     # input name)
     seen: dict[int, tuple[torch.Tensor, str]] = {}
     leader: dict[str, str] = {}  # linear -> the input name it reads
-    full: dict[str, torch.Tensor] | None = None  # the reference pass's outputs, by linear
+    reference_outputs: dict[str, torch.Tensor] = {}  # this batch's reference pass, by linear
+    recording = False  # True while the reference pass runs
 
     def hook(module, args, out, name: str) -> None:
         x = args[0]
-        if full is not None:
+        if recording:
             bias = getattr(module, "bias", None)
-            full[name] = (out if bias is None else out - bias).detach()
+            reference_outputs[name] = (out if bias is None else out - bias).detach()
             return
         entry = seen.get(id(x))
         measured = reference is not None and name in reference.names
@@ -173,7 +174,6 @@ def collect(
         )
         return other.reshape(flat.shape[0], -1).double()
 
-    reference_outputs: dict[str, torch.Tensor] = {}
     handles = [
         m.register_forward_hook(lambda m, a, o, name=name: hook(m, a, o, name))
         for name, m in linears.items()
@@ -182,10 +182,11 @@ def collect(
         with torch.no_grad():
             for index, start in enumerate(range(0, inputs.shape[0], batch)):
                 if reference is not None:
-                    full = reference_outputs = {}
+                    reference_outputs.clear()
+                    recording = True
                     with reference.full_precision():
                         run(block, reference.inputs[start : start + batch])
-                    full = None
+                    recording = False
                 seen.clear()
                 current.clear()
                 run(block, inputs[start : start + batch])
