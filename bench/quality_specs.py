@@ -5,6 +5,7 @@ bench reads and writes, the other modules do it."""
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,15 +105,17 @@ def all_specs() -> list[Spec]:
         specs.append(
             Spec(f"liftq-2.4-{staging}", "liftq", setting, target_bits=2.4, staging=staging)
         )
-    for tuned in (False, True):  # 3.0 bits spread by sensitivity (`liftq quantize --mixed`)
+    for bits, tuned in itertools.product((2.4, 3.0), (False, True)):  # `quantize --mixed`
         steps = FINETUNE_STEPS if tuned else 0
-        setting = "3.0 bits, mixed by sensitivity" + (f" + {steps}-step fine-tuning" * tuned)
+        setting = f"{bits:.1f} bits, mixed by sensitivity" + (
+            f" + {steps}-step fine-tuning" * tuned
+        )
         specs.append(
             Spec(
-                "liftq-3.0-mixed" + "-ft" * tuned,
+                f"liftq-{bits:.1f}-mixed" + "-ft" * tuned,
                 "liftq",
                 setting,
-                target_bits=3.0,
+                target_bits=bits,
                 finetune_steps=steps,
                 mixed=True,
             )

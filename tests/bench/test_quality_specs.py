@@ -18,6 +18,8 @@ def test_liftq_rows_carry_their_cli_settings():
     assert specs["liftq-2.4-ft"].finetune_steps == FINETUNE_STEPS
     long = specs["liftq-3.0-mixed-ft96"]
     assert (long.mixed, long.finetune_steps, long.finetune_lr) == (True, 96, 2e-3)
+    mixed = specs["liftq-2.4-mixed-ft"]
+    assert (mixed.target_bits, mixed.mixed, mixed.finetune_steps) == (2.4, True, FINETUNE_STEPS)
 
 
 def test_select_by_glob_or_method():
