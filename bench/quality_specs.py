@@ -120,18 +120,19 @@ def all_specs() -> list[Spec]:
                 mixed=True,
             )
         )
-    specs.append(  # the longer schedule: twice the steps at twice the peak rate
-        Spec(
-            f"liftq-3.0-mixed-ft{LONG_FINETUNE_STEPS}",
-            "liftq",
-            f"3.0 bits, mixed by sensitivity + {LONG_FINETUNE_STEPS}-step fine-tuning at lr "
-            f"{LONG_FINETUNE_LR}",
-            target_bits=3.0,
-            finetune_steps=LONG_FINETUNE_STEPS,
-            finetune_lr=LONG_FINETUNE_LR,
-            mixed=True,
+    for bits in (2.4, 3.0):  # the longer schedule: twice the steps at twice the peak rate
+        specs.append(
+            Spec(
+                f"liftq-{bits:.1f}-mixed-ft{LONG_FINETUNE_STEPS}",
+                "liftq",
+                f"{bits:.1f} bits, mixed by sensitivity + {LONG_FINETUNE_STEPS}-step fine-tuning "
+                f"at lr {LONG_FINETUNE_LR}",
+                target_bits=bits,
+                finetune_steps=LONG_FINETUNE_STEPS,
+                finetune_lr=LONG_FINETUNE_LR,
+                mixed=True,
+            )
         )
-    )
     return specs
 
 

@@ -10,6 +10,7 @@ def test_row_ids_are_unique_and_fp_comes_first():
     ids = [s.id for s in all_specs()]
     assert len(ids) == len(set(ids)) and ids[0] == "fp"
     assert {"rtn-b2-g64", "gptq-b3-g64", "llamacpp-IQ2_XS", "liftq-3.0-mixed-ft96"} <= set(ids)
+    assert {"liftq-2.4-mixed", "liftq-2.4-mixed-ft", "liftq-2.4-mixed-ft96"} <= set(ids)
 
 
 def test_liftq_rows_carry_their_cli_settings():
