@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.quality_specs import STAGING
+from bench.quality_specs import VARIANTS
 
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.plan.memory import lattice_matrix_bytes, packed_linear_bytes
@@ -30,9 +30,10 @@ RUN_HINT = "python bench/quality.py --rows {id}"  # what quantizes a missing lif
 
 
 def liftq_storage_bits(
-    layers: dict[str, str], shapes: dict[str, tuple[int, int]]
+    layers: dict[str, str], shapes: dict[str, tuple[int, int]], dense_factors: bool = False
 ) -> tuple[int, int, str]:
-    """(storage bits, weights, rule) of the linears in `shapes` quantized as `layers` says.
+    """(storage bits, weights, rule) of the linears in `shapes` quantized as `layers` says
+    (dense_factors: trained rotations, every P1, P2 stored dense, as `liftq pack` does).
 
     layers: liftq.json's {"model.layers.L.mlp.up_proj": "LQ-24/10", ...}; shapes: the decoder
     linears' weight shapes {"model.layers.L.mlp.up_proj.weight": (out, in), ...}. Every linear
@@ -43,14 +44,16 @@ def liftq_storage_bits(
     total, weights, used = 0, 0, {}
     for key, (out_features, in_features) in shapes.items():
         cfg = LatticeConfig.parse(layers[key.removesuffix(".weight")])
-        total += sum(packed_linear_bytes(out_features, in_features, cfg).values()) * 8
+        parts = packed_linear_bytes(out_features, in_features, cfg, dense_factors)
+        total += sum(parts.values()) * 8
         weights += out_features * in_features
         used[cfg.name] = cfg
     total += sum(lattice_matrix_bytes(cfg) for cfg in used.values()) * 8
     configs = ", ".join(sorted(used))
+    factors = "dense fp16 P1, P2 (trained)" if dense_factors else "P1, P2"
     rule = (
         f"packed LiftQuant ({configs}): sign codes in 32-bit words per row + fp16 row scale + "
-        f"fp16 whitening s1, s2, P1, P2 per linear + each fp32 lattice matrix once"
+        f"fp16 whitening s1, s2, {factors} per linear + each fp32 lattice matrix once"
     )
     return total, weights, rule
 
@@ -93,8 +96,8 @@ def block_work_dir(spec, out: Path) -> Path:
     """The `--work-dir` of a row: a -ft row shares the block stage of its plain row."""
     mixed = "-mixed" if getattr(spec, "mixed", False) else ""
     loss = f"-{spec.correction_loss}" if getattr(spec, "correction_loss", "") else ""
-    staging = f"-{spec.staging}" if getattr(spec, "staging", "") else ""
-    return out.with_name(f".liftq-{spec.target_bits:.1f}{mixed}{loss}{staging}.work")
+    variant = f"-{spec.variant}" if getattr(spec, "variant", "") else ""
+    return out.with_name(f".liftq-{spec.target_bits:.1f}{mixed}{loss}{variant}.work")
 
 
 def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[str]:
@@ -105,7 +108,7 @@ def liftq_command(liftq: Path, spec, out: Path, calib_txt: Path, args) -> list[s
         "--overwrite",  # the bench's own output folder: a re-run replaces it
     ] + ["--mixed"] * getattr(spec, "mixed", False) + tuning_flags(spec, args) + (
         ["--correction-loss", spec.correction_loss] if getattr(spec, "correction_loss", "") else []
-    ) + STAGING.get(getattr(spec, "staging", ""), [])  # fmt: skip
+    ) + VARIANTS.get(getattr(spec, "variant", ""), [])  # fmt: skip
 
 
 def tuning_flags(spec, args) -> list[str]:
@@ -158,7 +161,8 @@ def prepare_liftq_row(
     if why:
         row.status, row.reason = "failed", f"{out.name}/ {why}"
         return None
-    storage, weights, row.bits_rule = liftq_storage_bits(info["layers"], shapes)
+    trained = info.get("options", {}).get("whiten_rotations") == "trained"
+    storage, weights, row.bits_rule = liftq_storage_bits(info["layers"], shapes, trained)
     row.bits_per_weight = storage / weights
     row.total_bytes = storage // 8  # the rest is added by the evaluator
     row.library = f"liftq {info.get('liftq_version', '?')} ({info.get('lattice', '?')})"

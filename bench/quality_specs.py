@@ -28,11 +28,12 @@ FINETUNE_STEPS = 48  # liftq -ft rows: 4 fresh windows per step (FinetuneConfig.
 LONG_FINETUNE_STEPS, LONG_FINETUNE_LR = 96, 2e-3  # the -ft96 row
 AUTOROUND_ITERS = 200  # auto-round's default steps per block (its "best" recipe: 1000)
 # liftq-only fields, left out of the peer rows' keys
-LIFTQ_ONLY = ("finetune_steps", "finetune_lr", "mixed", "correction_loss", "staging")
-# liftq rows encoded in dataflow stages (quant/block_encode.py): their `liftq quantize` flags
-STAGING = {
-    "staged": ["--true-sequential"],
+LIFTQ_ONLY = ("finetune_steps", "finetune_lr", "mixed", "correction_loss", "variant")
+# liftq rows with one block-stage change against liftq-2.4: their `liftq quantize` flags
+VARIANTS = {
+    "staged": ["--true-sequential"],  # dataflow stages (quant/block_encode.py)
     "compensated": ["--true-sequential", "--compensate"],
+    "rotations": ["--whiten-rotations", "trained"],  # Cayley P1, P2 (quant/whitening.py)
 }
 LINEAR_WEIGHT = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -54,7 +55,7 @@ class Spec:
     mixed: bool = False  # liftq -mixed rows: `--mixed` (same average bits, spread by sensitivity)
     iters: int = 0  # autoround rows: tuning steps per block (its default, 200)
     correction_loss: str = ""  # liftq rows: `--correction-loss` when set (else the default)
-    staging: str = ""  # liftq rows: STAGING's flags when set (else the default, unstaged)
+    variant: str = ""  # liftq rows: VARIANTS' flags when set (else the default block stage)
 
 
 def all_specs() -> list[Spec]:
@@ -98,12 +99,13 @@ def all_specs() -> list[Spec]:
         Spec("liftq-2.4-token", "liftq", "2.4 bits, correction loss token",
              target_bits=2.4, correction_loss="token")
     )  # fmt: skip
-    for staging, setting in (  # encoding in dataflow stages, one change against liftq-2.4
+    for variant, setting in (  # one block-stage change against liftq-2.4
         ("staged", "2.4 bits, linears encoded in dataflow stages"),
         ("compensated", "2.4 bits, in stages, each toward the full-precision output"),
+        ("rotations", "2.4 bits, whitening rotations trained (Cayley P1, P2)"),
     ):
         specs.append(
-            Spec(f"liftq-2.4-{staging}", "liftq", setting, target_bits=2.4, staging=staging)
+            Spec(f"liftq-2.4-{variant}", "liftq", setting, target_bits=2.4, variant=variant)
         )
     for bits, tuned in itertools.product((2.4, 3.0), (False, True)):  # `quantize --mixed`
         steps = FINETUNE_STEPS if tuned else 0
@@ -120,6 +122,11 @@ def all_specs() -> list[Spec]:
                 mixed=True,
             )
         )
+    specs.append(  # the two changes that each lowered WikiText-2 at 2.4 bits, together
+        Spec("liftq-2.4-mixed-rotations", "liftq",
+             "2.4 bits, mixed by sensitivity, whitening rotations trained (Cayley P1, P2)",
+             target_bits=2.4, mixed=True, variant="rotations")
+    )  # fmt: skip
     for bits in (2.4, 3.0):  # the longer schedule: twice the steps at twice the peak rate
         specs.append(
             Spec(

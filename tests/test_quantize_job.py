@@ -157,7 +157,7 @@ def test_effort_presets_set_their_values_and_given_keys_win():
     ("section", "fragment"),
     [
         ({"effort": "max"}, "effort 'max' is unknown: use fast, default, best"),
-        ({"whiten_rotations": "learned"}, "whiten_rotations 'learned' is invalid"),
+        ({"whiten_rotations": "learned"}, "whiten_rotations .*'learned' is unknown: use fixed"),
         ({"search_beam": -1}, "quantize.search_beam -1 is invalid"),
         ({"correction": {"heldout": -1}}, "quantize.correction.heldout -1 is invalid"),
         ({"correction": {"eval_every": 0}}, "quantize.correction.eval_every 0 is invalid"),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from liftq_cli.errors import BadInputError
+from liftq_cli.io.packed_format import ROTATIONS
 from liftq_cli.lattice_config import LatticeConfig
 
 Overrides = Mapping[int, Mapping[str, LatticeConfig]]  # {layer: {kind: config}}
@@ -197,10 +198,10 @@ class QuantizeSettings:
                 f"--effort {self.effort!r} is unknown: pass one of {', '.join(EFFORTS)}"
             )
         _int(self.whiten_steps, "whiten_steps", "--whiten-steps", 0)
-        if self.whiten_rotations not in ("fixed", "trained"):
+        if self.whiten_rotations not in ROTATIONS:
             raise BadInputError(
-                f"whiten_rotations {self.whiten_rotations!r} is invalid "
-                "(quantize.whiten_rotations): use fixed or trained"
+                f"whiten_rotations (--whiten-rotations) {self.whiten_rotations!r} is unknown: "
+                f"use {' or '.join(ROTATIONS)}"
             )
         _int(self.search_beam, "search_beam", "quantize.search_beam", 0)
         _bool(self.ldlq, "ldlq", "--ldlq/--no-ldlq")

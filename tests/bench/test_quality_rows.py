@@ -44,6 +44,17 @@ def test_liftq_bits_of_one_linear_by_hand():
     assert "LQ-24/10" in rule
 
 
+def test_trained_rotations_pay_for_dense_power_of_two_factors():
+    # down_proj's 1536 inputs = 32 x 48: fixed rotations store the 32-wide factor as 32 int8
+    # signs, trained ones as a 32 x 32 fp16 matrix; 576 = 24 x 24 is dense either way.
+    down, q = "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"
+    for key, shape, extra in ((down, (576, 1536), 2 * 32 * 32 - 32), (q, (576, 576), 0)):
+        fixed, _, rule = liftq_storage_bits({key: "LQ-24/10"}, {f"{key}.weight": shape})
+        dense, _, dense_rule = liftq_storage_bits({key: "LQ-24/10"}, {f"{key}.weight": shape}, True)
+        assert dense - fixed == 8 * extra
+        assert "trained" in dense_rule and "trained" not in rule
+
+
 @pytest.mark.parametrize(("cfg", "nominal"), [("LQ-20/10", 2.0), ("LQ-24/10", 2.4), ("30/10", 3.0)])
 def test_liftq_bits_sit_just_above_nominal(cfg, nominal):
     bits, weights, _ = liftq_storage_bits(configs(cfg), shapes())
@@ -207,21 +218,23 @@ def test_a_correction_loss_row_has_its_flag_and_its_own_block_stage(tmp_path):
     assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / ".liftq-2.4-token.work")
 
 
-def test_the_staging_rows_turn_it_on_each_in_its_own_block_stage(tmp_path):
+def test_the_block_stage_variant_rows_turn_on_their_flags_each_in_its_own_block_stage(tmp_path):
     from bench.quality_specs import all_specs
 
     specs = {s.id: s for s in all_specs()}
+    watched = ("--true-sequential", "--compensate", "--whiten-rotations", "trained")
     plain = quality_liftq.liftq_command(
         Path("liftq"), specs["liftq-2.4"], tmp_path / "liftq-2.4", tmp_path / "c.txt", args()
     )
-    assert "--compensate" not in plain and "--true-sequential" not in plain
-    for staging, flags in (("staged", ["--true-sequential"]),
-                           ("compensated", ["--true-sequential", "--compensate"])):  # fmt: skip
-        spec = specs[f"liftq-2.4-{staging}"]
+    assert [f for f in plain if f in watched] == []
+    for variant, flags in (("staged", ["--true-sequential"]),
+                           ("compensated", ["--true-sequential", "--compensate"]),
+                           ("rotations", ["--whiten-rotations", "trained"])):  # fmt: skip
+        spec = specs[f"liftq-2.4-{variant}"]
         out = tmp_path / spec.id
         cmd = quality_liftq.liftq_command(Path("liftq"), spec, out, tmp_path / "c.txt", args())
-        assert [f for f in cmd if f in ("--true-sequential", "--compensate")] == flags
-        assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / f".liftq-2.4-{staging}.work")
+        assert [f for f in cmd if f in watched] == flags
+        assert cmd[cmd.index("--work-dir") + 1] == str(tmp_path / f".liftq-2.4-{variant}.work")
 
 
 def test_merge_keeps_the_earlier_rows_this_run_did_not_measure(tmp_path):

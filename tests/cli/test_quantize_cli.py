@@ -374,6 +374,7 @@ def test_independent_blocks_quantize_and_resume(cli, tmp_path, tiny_llama):
         ("--nsamples", "0", "--nsamples 0 is invalid"),
         ("--finetune-lr", "0", "--finetune-lr 0.0 is invalid"),
         ("--correction-loss", "l1", "(--correction-loss) 'l1' is unknown: use mse or token"),
+        ("--whiten-rotations", "cayley", "(--whiten-rotations) 'cayley' is unknown: use fixed"),
         ("--compensate-damp", "0", "--compensate-damp 0.0 is invalid"),
     ],
 )
@@ -452,3 +453,46 @@ def test_a_mixture_of_experts_model_quantizes_evaluates_and_refuses_mixed(
     assert len([n for n in layers if ".mlp.experts." in n]) == 2 * 4 * 3
     evaluated = cli("eval", str(out), "--ppl", str(calibration_text(tmp_path)), "--ctx", "64")
     assert evaluated.exit_code == 0, evaluated.output
+
+
+def test_trained_rotations_land_in_the_recipe_and_pack_as_dense_factors(cli, tmp_path, tiny_llama):
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+    from tests.runtime.tiny_packed import write_text
+
+    args = ["quantize", str(tiny_llama), "--config", "LQ-24/10", "--json", *tiny_args(tmp_path)]
+    args += ["--whiten-steps", "10", "--correction-steps", "0"]
+    text = write_text(tmp_path / "words.txt")
+    fp16 = ("--embed", "fp16", "--lm-head", "fp16")  # the same logits as the unpacked model
+    packed = {}
+    for rotations in ("fixed", "trained"):
+        out, dest = tmp_path / rotations, tmp_path / f"{rotations}-packed"
+        result = cli(*args, "--whiten-rotations", rotations, "--out", str(out),
+                     "--work-dir", str(tmp_path / f"work-{rotations}"))  # fmt: skip
+        assert result.exit_code == 0, result.output
+        section = yaml.safe_load((out / "recipe.yaml").read_text())["quantize"]
+        assert section["whiten_rotations"] == rotations
+        result = cli("pack", str(out), "--out", str(dest), *fp16, "--json")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["quantized_bytes"] == report["formula_quantized_bytes"]
+        quant = json.loads((dest / "config.json").read_text())["quantization_config"]
+        assert quant.get("rotations", "fixed") == rotations
+        packed[rotations] = load_file(dest / "model.safetensors")
+        ppl = [
+            next(iter(json.loads(cli("eval", str(folder), "--ppl", str(text), "--ctx", "32",
+                                     "--json").stdout)["results"].values()))["ppl"]
+            for folder in (out, dest)
+        ]  # fmt: skip
+        assert abs(ppl[1] / ppl[0] - 1) < 1e-3, (rotations, ppl)
+    # fixed: the hidden size 64 = 8 x 8 factors are signed Hadamard, stored as their signs
+    assert any(k.endswith(".p1_signs") for k in packed["fixed"])
+    assert not any(k.endswith((".p1", ".p2")) for k in packed["fixed"])
+    # trained: every factor dense and orthogonal, and training moved them off Hadamard
+    dense = {k: v.float() for k, v in packed["trained"].items() if k.endswith((".p1", ".p2"))}
+    assert dense and not any(k.endswith("_signs") for k in packed["trained"])
+    for name, p in dense.items():
+        assert torch.allclose(p @ p.T, torch.eye(p.shape[0]), atol=5e-3), name
+    moved = max(float((p.abs() - p.shape[0] ** -0.5).abs().max()) for p in dense.values())
+    assert moved > 1e-2  # entries no longer all +-1/sqrt(n)

@@ -22,6 +22,7 @@ from liftq_cli.io.packed_format import (
     packed_linear_bytes,
     parse_quantization_config,
     quantization_config,
+    trained_rotations,
     whitening_factors,
     words_per_row,
 )
@@ -121,6 +122,25 @@ def test_linear_tensors_names_order_shapes_and_dtypes():
     assert {s.dtype for s in specs.values()} <= set(DTYPE_BYTES)
 
 
+def test_trained_rotations_store_every_factor_dense_and_say_so():
+    trained = linear_tensors(3, 32, LQ8_4, dense_factors=True)  # 32 = 4 x 8, no signs now
+    assert list(trained) == ["qweight", "qscale", "s1", "p1", "p2", "s2"]
+    assert trained["p1"] == TensorSpec((4, 4), "float16")
+    assert trained["p2"] == TensorSpec((8, 8), "float16")
+    fixed = packed_linear_bytes(3, 32, LQ8_4)["whitening"]
+    dense = packed_linear_bytes(3, 32, LQ8_4, dense_factors=True)["whitening"]
+    assert dense - fixed == 2 * (16 + 64) - (4 + 8)
+    assert bits_report({"a": (3, 32, LQ8_4)}, dense_factors=True).overhead_bits[
+        "whitening"
+    ] == pytest.approx(8 * dense / (3 * 32))
+    layers = {"model.layers.0.mlp.up_proj": LQ8_4}
+    assert "rotations" not in quantization_config(layers)  # fixed files read as before
+    assert not trained_rotations(quantization_config(layers), "config.json")
+    config = json.loads(json.dumps(quantization_config(layers, rotations="trained")))
+    assert config["rotations"] == "trained" and trained_rotations(config, "config.json")
+    assert parse_quantization_config(config, "config.json") == layers
+
+
 @pytest.mark.parametrize(("out", "inp"), [(12, 30), (1, 1), (7, 23), (576, 1536)])
 def test_byte_parts_sum_the_tensor_table(out, inp):
     specs = linear_tensors(out, inp, LQ8_4)
@@ -173,6 +193,7 @@ def _valid() -> dict:
         ({"layers": ["LQ-8/4"]}, "quantization_config.layers is missing"),
         ({"layers": {"a": "LQ-8/9"}}, "LQ-8/9 is invalid: D must exceed d .*: re-pack the model"),
         ({"layers": {"a": "int4"}}, "'int4' is not of the form LQ-D/d.*: re-pack the model"),
+        ({"rotations": "learned"}, "rotations 'learned' is unknown .*fixed or trained.*re-pack"),
     ],
 )
 def test_bad_quantization_configs_are_bad_input(change, message):

@@ -96,6 +96,12 @@ def quantize_command(
         help="What correction minimises: mse (every output value alike) or token (each "
         "token's error relative to its output's norm) (default: mse).",
     ),
+    whiten_rotations: str | None = typer.Option(
+        None,
+        "--whiten-rotations",
+        help="The whitening's P1, P2: fixed (random-sign Hadamard, or DCT-II where a factor is "
+        "not a power of two) or trained (Cayley-parametrised, with s1, s2) (default: fixed).",
+    ),
     finetune_lr: float | None = typer.Option(
         None, "--finetune-lr", help="Peak fine-tuning rate (default: 1e-3)."
     ),
@@ -173,6 +179,7 @@ def quantize_command(
         "calibration.seqlen": seqlen,
         "seed": seed,
         "whiten_steps": whiten_steps,
+        "whiten_rotations": whiten_rotations,
         "ldlq": ldlq,
         "sequential": None if independent is None else not independent,
         "true_sequential": true_sequential,

@@ -142,14 +142,15 @@ def _fp16(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def pack_linear(
-    state: dict[str, torch.Tensor], prefix: str, cfg: LatticeConfig
+    state: dict[str, torch.Tensor], prefix: str, cfg: LatticeConfig, dense_factors: bool = False
 ) -> dict[str, torch.Tensor]:
     """The packed tensors of one linear from its quantizer state (`QuantizedLinear.state`).
 
     state[prefix + "codes"]: bool [out, ceil(in/d), D]; "scale": float32 [out]; "s1", "s2":
     [in]; "p1": [a, a]; "p2": [b, b]. Returns {name within the module: tensor} matching
     `linear_tensors` exactly (int32 words in the interleaved format-2 order, int8 signs of
-    the Hadamard factors, fp16 everything else).
+    the Hadamard factors, fp16 everything else; dense_factors: fp16 factors whatever their
+    size, for trained rotations).
     """
     missing = [n for n in SOURCE_TENSORS if f"{prefix}{n}" not in state]
     if missing:
@@ -157,7 +158,7 @@ def pack_linear(
     codes = state[f"{prefix}codes"]
     in_features = state[f"{prefix}s1"].numel()
     out_features = codes.shape[0]
-    specs = linear_tensors(out_features, in_features, cfg)
+    specs = linear_tensors(out_features, in_features, cfg, dense_factors=dense_factors)
     k = code_bits(in_features, cfg)
     if codes.dim() != 3 or codes.shape[1] * codes.shape[2] != k or codes.shape[2] != cfg.D:
         raise BadInputError(
@@ -210,7 +211,7 @@ def safetensors_parts(path: Path, quantized: set[str]) -> dict[str, int]:
 
 
 def _layout(
-    quantized: QuantizedFolder, dtype: str, matrices: EmbeddingPack | None
+    quantized: QuantizedFolder, dtype: str, matrices: EmbeddingPack | None, dense: bool
 ) -> list[TensorSpec]:
     """Every tensor of the packed file in order: linears (`linear_tensors`), lattice matrices,
     the embedding and lm_head (`matrices`), then the other unquantized tensors, floating-point
@@ -218,7 +219,7 @@ def _layout(
     specs = []
     for key, cfg in quantized.layers.items():
         out_f, in_f = quantized.shapes[key]
-        for name, spec in linear_tensors(out_f, in_f, cfg).items():
+        for name, spec in linear_tensors(out_f, in_f, cfg, dense_factors=dense).items():
             specs.append(TensorSpec(f"{key}.{name}", TORCH_DTYPES[spec.dtype], spec.shape))
     for cfg in sorted(set(quantized.layers.values())):
         spec = lattice_tensor(cfg)
@@ -237,7 +238,7 @@ def _layout(
     return specs
 
 
-def _producer(quantized: QuantizedFolder, embeddings: EmbeddingPack | None):
+def _producer(quantized: QuantizedFolder, embeddings: EmbeddingPack | None, dense: bool):
     """`produce(spec)` for `write_streaming`: packs one linear at a time (kept until done)."""
     current: dict[str, dict[str, torch.Tensor]] = {}
     matrices = quantized.matrices()
@@ -248,7 +249,9 @@ def _producer(quantized: QuantizedFolder, embeddings: EmbeddingPack | None):
             if module not in current:
                 current.clear()
                 state = {f"{module}.{n}": t for n, t in quantized.linear_state(module).items()}
-                current[module] = pack_linear(state, f"{module}.", quantized.layers[module])
+                current[module] = pack_linear(
+                    state, f"{module}.", quantized.layers[module], dense_factors=dense
+                )
             return current[module][leaf]
         if module == LATTICE_MODULE:
             cfg = next(c for c in quantized.layers.values() if lattice_key(c) == spec.name)
@@ -267,11 +270,11 @@ def _producer(quantized: QuantizedFolder, embeddings: EmbeddingPack | None):
     return produce
 
 
-def _formula(shapes: dict[str, tuple[int, int, LatticeConfig]]) -> dict[str, int]:
+def _formula(shapes: dict[str, tuple[int, int, LatticeConfig]], dense: bool) -> dict[str, int]:
     """Bytes of codes, scales, whitening and lattice matrices from the closed formula."""
     parts = {"codes": 0, "scales": 0, "whitening": 0}
     for out_f, in_f, cfg in shapes.values():
-        for part, value in packed_linear_bytes(out_f, in_f, cfg).items():
+        for part, value in packed_linear_bytes(out_f, in_f, cfg, dense).items():
             parts[part] += value
     used = {cfg for _, _, cfg in shapes.values()}
     parts["lattice_matrices"] = sum(lattice_matrix_bytes(cfg) for cfg in used)
@@ -307,10 +310,13 @@ def pack_quantized(
     shapes = {key: (*quantized.shapes[key], cfg) for key, cfg in layers.items()}
     names = set(quantized.unquantized_names())
     matrices = embedding_pack(quantized.unquantized_file, names, embed, lm_head, dtype)
-    specs = _layout(quantized, dtype, matrices)
+    # trained rotations (quantize --whiten-rotations trained) are no Hadamard matrices: dense
+    rotations = str(meta.get("options", {}).get("whiten_rotations", "fixed"))
+    dense = rotations == "trained"
+    specs = _layout(quantized, dtype, matrices, dense)
     layout = matrices.layout if matrices is not None else None
     config["quantization_config"] = quantization_config(
-        layers, layout.as_config() if layout is not None else None
+        layers, layout.as_config() if layout is not None else None, rotations
     )
     if matrices is not None:
         matrices.update_config(config)
@@ -327,7 +333,7 @@ def pack_quantized(
             if (quant_dir / filename).is_file():
                 shutil.copy2(quant_dir / filename, tmp / filename)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        write_streaming(tmp / WEIGHTS_FILE, specs, _producer(quantized, matrices), metadata)
+        write_streaming(tmp / WEIGHTS_FILE, specs, _producer(quantized, matrices, dense), metadata)
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
     configs: dict[str, int] = {}
     for cfg in layers.values():
@@ -335,9 +341,9 @@ def pack_quantized(
     return PackReport(
         out=out,
         parts=safetensors_parts(out / WEIGHTS_FILE, set(layers)),
-        formula=_formula(shapes),
+        formula=_formula(shapes, dense),
         files={p.name: p.stat().st_size for p in sorted(out.iterdir())},
-        bits=bits_report(shapes),
+        bits=bits_report(shapes, dense),
         configs=configs,
         embeddings=layout,
         embedding_formula=matrices.formula() if matrices is not None else {},

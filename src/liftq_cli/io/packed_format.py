@@ -16,9 +16,12 @@ linear's module prefix (e.g. `model.layers.0.self_attn.q_proj.`):
     qscale   fp16  [o]           row scales s
     s1, s2   fp16  [i]           whitening scales
     p1, p2   fp16  [a, a], [b, b] orthogonal Kronecker factors, a * b = i; a factor whose
-                                 size is a power of two is a signed Hadamard matrix (liftq
-                                 never trains P) and is stored as its row signs instead:
+                                 size is a power of two is a signed Hadamard matrix (the
+                                 default fixed rotations) and is stored as its row signs instead:
     p1_signs, p2_signs int8 [a], [b]  P = diag(signs) H / sqrt(size), H Sylvester's Hadamard
+                                 A model quantized with trained rotations (`--whiten-rotations
+                                 trained`) stores every factor dense (p1, p2) and says so in
+                                 `quantization_config.rotations: trained` (absent: fixed).
     bias     (only if the source linear has one; counted with the unquantized tensors)
 
 Format 1 (still read: `linear_tensors(..., version=1)`) had unpadded rows in the plain
@@ -42,6 +45,7 @@ from liftq_cli.lattice_config import LatticeConfig, LatticeConfigError
 from liftq_kernels.reference import padded_words
 
 FORMAT_VERSION = 2
+ROTATIONS = ("fixed", "trained")  # quantization_config.rotations (whiten_rotations)
 READ_VERSIONS = (1, 2)
 QUANT_METHOD = "liftquant"
 WEIGHTS_FILE = "model.safetensors"
@@ -105,16 +109,23 @@ class TensorSpec:
         return math.prod(self.shape) * DTYPE_BYTES[self.dtype]
 
 
-def _factor(name: str, size: int, version: int) -> tuple[str, TensorSpec]:
-    if version >= 2 and is_hadamard_size(size):
+def _factor(name: str, size: int, version: int, dense: bool) -> tuple[str, TensorSpec]:
+    if version >= 2 and is_hadamard_size(size) and not dense:
         return f"{name}_signs", TensorSpec((size,), "int8")
     return name, TensorSpec((size, size), "float16")
 
 
 def linear_tensors(
-    out_features: int, in_features: int, cfg: LatticeConfig, version: int = FORMAT_VERSION
+    out_features: int,
+    in_features: int,
+    cfg: LatticeConfig,
+    version: int = FORMAT_VERSION,
+    dense_factors: bool = False,
 ) -> dict[str, TensorSpec]:
-    """The tensors of one packed linear (names within the module), in file order."""
+    """The tensors of one packed linear (names within the module), in file order.
+
+    dense_factors: P1, P2 stored dense whatever their size (a model with trained rotations,
+    `trained_rotations`)."""
     a, b = whitening_factors(in_features)
     words = words_per_row(in_features, cfg, version)
     return dict(
@@ -122,8 +133,8 @@ def linear_tensors(
             ("qweight", TensorSpec((out_features, words), "int32")),
             ("qscale", TensorSpec((out_features,), "float16")),
             ("s1", TensorSpec((in_features,), "float16")),
-            _factor("p1", a, version),
-            _factor("p2", b, version),
+            _factor("p1", a, version, dense_factors),
+            _factor("p2", b, version, dense_factors),
             ("s2", TensorSpec((in_features,), "float16")),
         ]
     )
@@ -142,16 +153,20 @@ def lattice_tensor(cfg: LatticeConfig) -> TensorSpec:
     return TensorSpec((cfg.d, cfg.D), "float32")
 
 
-def packed_linear_bytes(out_features: int, in_features: int, cfg: LatticeConfig) -> dict[str, int]:
+def packed_linear_bytes(
+    out_features: int, in_features: int, cfg: LatticeConfig, dense_factors: bool = False
+) -> dict[str, int]:
     """Bytes of one packed linear by part: {"codes", "scales", "whitening"}.
 
     codes = 4 o W (W = ceil(ceil(i/d) * D / 32), rounded up to a multiple of 4 from 256 on),
     scales = 2 o,
-    whitening = 4 i + f(a) + f(b) with f(p) = p (int8 signs) for a power of two, else 2 p^2.
+    whitening = 4 i + f(a) + f(b) with f(p) = p (int8 signs) for a power of two, else 2 p^2
+    (always 2 p^2 with dense_factors: trained rotations).
     The lattice matrix is shared by all linears of a config: add `lattice_matrix_bytes` once.
     """
     parts = {"codes": 0, "scales": 0, "whitening": 0}
-    for name, spec in linear_tensors(out_features, in_features, cfg).items():
+    specs = linear_tensors(out_features, in_features, cfg, dense_factors=dense_factors)
+    for name, spec in specs.items():
         parts[LINEAR_PARTS[name]] += spec.nbytes
     return parts
 
@@ -162,11 +177,13 @@ def lattice_matrix_bytes(cfg: LatticeConfig) -> int:
 
 
 def quantization_config(
-    layers: Mapping[str, LatticeConfig], embeddings: Mapping[str, Any] | None = None
+    layers: Mapping[str, LatticeConfig],
+    embeddings: Mapping[str, Any] | None = None,
+    rotations: str = "fixed",
 ) -> dict[str, Any]:
-    """The `config.json` entry: method, format version, the config of every linear and, when
-    given, how the embedding and lm_head are stored (`EmbeddingLayout.as_config()` of
-    `io.embedding_format`)."""
+    """The `config.json` entry: method, format version, the config of every linear, `rotations:
+    trained` when the whitening factors were trained (stored dense), and, when given, how the
+    embedding and lm_head are stored (`EmbeddingLayout.as_config()` of `io.embedding_format`)."""
     used = sorted(set(layers.values()))
     config = {
         "quant_method": QUANT_METHOD,
@@ -174,9 +191,22 @@ def quantization_config(
         "layers": {key: cfg.name for key, cfg in sorted(layers.items())},
         "lattices": {cfg.name: lattice_key(cfg) for cfg in used},
     }
+    if rotations != "fixed":  # only then, so fixed models read as before the key existed
+        config["rotations"] = rotations
     if embeddings is not None:
         config.update(embeddings)
     return config
+
+
+def trained_rotations(config: Mapping[str, Any], where: str) -> bool:
+    """True when `quantization_config` says the whitening factors are trained (stored dense)."""
+    rotations = config.get("rotations", "fixed")
+    if rotations not in ROTATIONS:
+        raise BadInputError(
+            f"{where}: quantization_config.rotations {rotations!r} is unknown (liftq writes "
+            f"{' or '.join(ROTATIONS)}): re-pack the model with `liftq pack`"
+        )
+    return rotations == "trained"
 
 
 def parse_quantization_config(config: Mapping[str, Any], where: str) -> dict[str, LatticeConfig]:
@@ -197,6 +227,7 @@ def parse_quantization_config(config: Mapping[str, Any], where: str) -> dict[str
     from liftq_cli.io.embedding_format import parse_embeddings
 
     parse_embeddings(config, where)  # validated here too: every reader refuses a bad entry
+    trained_rotations(config, where)
     try:
         return {str(key): LatticeConfig.parse(str(name)) for key, name in layers.items()}
     except LatticeConfigError as exc:
@@ -216,8 +247,11 @@ class BitsReport:
         return self.nominal_bits + sum(self.overhead_bits.values())
 
 
-def bits_report(shapes: Mapping[str, tuple[int, int, LatticeConfig]]) -> BitsReport:
-    """Bits per weight of linears {name: (out, in, cfg)} stored in this format.
+def bits_report(
+    shapes: Mapping[str, tuple[int, int, LatticeConfig]], dense_factors: bool = False
+) -> BitsReport:
+    """Bits per weight of linears {name: (out, in, cfg)} stored in this format (dense_factors:
+    with trained rotations).
 
     padding counts the code bits beyond o * i * D/d (slice and word rounding of each row).
     """
@@ -225,7 +259,7 @@ def bits_report(shapes: Mapping[str, tuple[int, int, LatticeConfig]]) -> BitsRep
     nominal = sum(o * i * cfg.D / cfg.d for o, i, cfg in shapes.values())
     parts = {"codes": 0, "scales": 0, "whitening": 0}
     for o, i, cfg in shapes.values():
-        for key, value in packed_linear_bytes(o, i, cfg).items():
+        for key, value in packed_linear_bytes(o, i, cfg, dense_factors).items():
             parts[key] += value
     lattices = sum(lattice_matrix_bytes(cfg) for cfg in {cfg for _, _, cfg in shapes.values()})
     per = 1 / max(weights, 1)

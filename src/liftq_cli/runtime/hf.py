@@ -24,6 +24,7 @@ from liftq_cli.io.packed_format import (
     FORMAT_VERSION,
     QUANT_METHOD,
     parse_quantization_config,
+    trained_rotations,
 )
 
 EMBEDDING_KEYS = ("embed", "lm_head", "tied", "int4_group")
@@ -37,12 +38,14 @@ class LiftQuantConfig(QuantizationConfigMixin):
         layers: dict[str, str] | None = None,
         format_version: int = FORMAT_VERSION,
         lattices: dict[str, str] | None = None,
+        rotations: str = "fixed",
         **kwargs: Any,
     ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.layers = dict(layers or {})
         self.lattices = dict(lattices or {})
+        self.rotations = rotations  # trained: every whitening factor stored dense
         # embed, lm_head, tied, int4_group (io/embedding_format.py); absent in older files
         self.embedding_keys = {k: kwargs[k] for k in EMBEDDING_KEYS if k in kwargs}
         self.post_init()
@@ -50,6 +53,7 @@ class LiftQuantConfig(QuantizationConfigMixin):
     def post_init(self) -> None:
         self.configs = parse_quantization_config(self.to_dict(), "quantization_config")
         self.embeddings = parse_embeddings(self.to_dict(), "quantization_config")
+        self.dense_factors = trained_rotations(self.to_dict(), "quantization_config")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -57,6 +61,7 @@ class LiftQuantConfig(QuantizationConfigMixin):
             "format_version": self.format_version,
             "layers": dict(self.layers),
             "lattices": dict(self.lattices),
+            **({"rotations": self.rotations} if self.rotations != "fixed" else {}),
             **self.embedding_keys,
         }
 
@@ -82,7 +87,8 @@ class LiftQuantHfQuantizer(HfQuantizer):
         unfuse_experts(model, model.config.get_text_config().hidden_size)  # stored per expert
         replace_embeddings(model, self.quantization_config.embeddings, "meta", strip)
         version = int(self.quantization_config.format_version)
-        replace_linears(model, layers, device="meta", version=version)
+        dense = self.quantization_config.dense_factors
+        replace_linears(model, layers, device="meta", version=version, dense_factors=dense)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> None:
         from liftq_cli.runtime.embeddings import place_on_host

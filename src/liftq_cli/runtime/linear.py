@@ -72,13 +72,15 @@ class LiftQuantLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         version: int = FORMAT_VERSION,
+        dense_factors: bool = False,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.cfg = cfg
         self.version = version
-        for name, spec in linear_tensors(out_features, in_features, cfg, version).items():
+        specs = linear_tensors(out_features, in_features, cfg, version, dense_factors)
+        for name, spec in specs.items():
             empty = torch.empty(spec.shape, dtype=TORCH_DTYPES[spec.dtype], device=device)
             self.register_buffer(name, empty)
         if bias:
@@ -143,6 +145,7 @@ def replace_linears(
     layers: dict[str, LatticeConfig],
     device: torch.device | str | None = None,
     version: int = FORMAT_VERSION,
+    dense_factors: bool = False,
 ) -> LatticeBank:
     """Swap every `nn.Linear` named in `layers` for a `LiftQuantLinear`; attach the bank.
 
@@ -166,6 +169,7 @@ def replace_linears(
             device=device,
             dtype=old.weight.dtype,
             version=version,
+            dense_factors=dense_factors,
         )
         setattr(parent, child, new)
     return bank

@@ -35,6 +35,7 @@ from liftq_cli.io.packed_format import (
     WEIGHTS_FILE,
     lattice_key,
     parse_quantization_config,
+    trained_rotations,
 )
 from liftq_cli.lattice_config import LatticeConfig
 from liftq_cli.vllm import QUANT_NAME
@@ -82,6 +83,7 @@ class LiftQuantVllmConfig(QuantizationConfig):
                 f"{raw.get('format_version')}: re-pack it with `liftq pack`"
             )
         self.embeddings = parse_embeddings(raw, "quantization_config")
+        self.dense_factors = trained_rotations(raw, "quantization_config")
         self.lattices: dict[str, list[list[float]]] = {}
 
     def __repr__(self) -> str:

@@ -122,7 +122,8 @@ class LiftQuantLinearMethod(LinearMethodBase):
             fused=fused_rows_here,
         )
         layer.liftq_plan = plan
-        specs = linear_tensors(1, n, self.cfgs[0])  # whitening shapes depend on n only
+        dense = self.qconfig.dense_factors  # whitening shapes depend on n (and that) only
+        specs = linear_tensors(1, n, self.cfgs[0], dense_factors=dense)
         count = len(parts)
         shapes = {
             "qweight": ((start, max(p.words for p in parts)), "int32"),
